@@ -1,0 +1,50 @@
+"""chunkq: a Postgres-native job-chunk queue.
+
+The async, seed-compatible client is imported from here; the sync twin, for
+worker processes, from ``chunkq.sync``. Both are thin: every method is one call
+of a SQL function in the ``chunkq`` schema.
+"""
+
+from ._async.repositories import CrawlJobRepository, JobChunkRepository
+from ._async.service import JobChunkingService
+from .errors import (
+    ChunkCancelled,
+    ChunkNotFound,
+    ChunkqError,
+    InvalidTransition,
+    JobAlreadyChunked,
+    JobNotFound,
+    LeaseLost,
+    NotFound,
+    SchemaNotMigrated,
+    ValidationError,
+)
+from .migrate import SCHEMA_VERSION, check_schema, migrate, rollback
+from .records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, JobStatus
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ChunkCancelled",
+    "ChunkError",
+    "ChunkNotFound",
+    "ChunkOutcome",
+    "ChunkStatus",
+    "ChunkqError",
+    "CrawlJob",
+    "CrawlJobRepository",
+    "InvalidTransition",
+    "JobAlreadyChunked",
+    "JobChunk",
+    "JobChunkRepository",
+    "JobChunkingService",
+    "JobNotFound",
+    "JobProgress",
+    "JobStatus",
+    "LeaseLost",
+    "NotFound",
+    "SchemaNotMigrated",
+    "ValidationError",
+    "check_schema",
+    "migrate",
+    "rollback",
+]

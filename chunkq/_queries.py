@@ -1,0 +1,53 @@
+"""The statement catalogue: every statement the client sends, each one call of a chunkq SQL function.
+
+Parameters are cast to the functions' argument types so that a value Postgres
+cannot hold (say, an integer beyond bigint) is reported as bad input instead of
+"function does not exist". Select lists come from the record fields, so a column
+added by a later migration does not break an older client.
+"""
+
+from __future__ import annotations
+
+from .records import ChunkError, ChunkOutcome, CrawlJob, JobChunk, JobProgress, columns
+
+JOB = columns(CrawlJob)
+CHUNK = columns(JobChunk)
+
+CREATE_JOB = (
+    f"SELECT {JOB} FROM chunkq.create_job(%(project_id)s::bigint, %(name)s::text, %(keywords)s::jsonb,"
+    " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer)"
+)
+GET_JOB = f"SELECT {JOB} FROM chunkq.get_job(%(job_id)s::bigint)"
+CANCEL_JOB = f"SELECT {JOB} FROM chunkq.cancel_job(%(job_id)s::bigint)"
+JOB_PROGRESS = f"SELECT {columns(JobProgress)} FROM chunkq.job_progress(%(job_id)s::bigint)"
+
+CREATE_CHUNKS = (
+    f"SELECT {JOB} FROM chunkq.create_chunks(%(job_id)s::bigint, %(max_images)s::bigint,"
+    " %(priority)s::integer, %(chunk_size)s::integer)"
+)
+GET_CHUNK = f"SELECT {CHUNK} FROM chunkq.get_chunk(%(chunk_id)s::bigint)"
+LIST_CHUNKS = f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status)"
+FAILED_CHUNKS = f"SELECT {CHUNK} FROM chunkq.failed_chunks(%(job_id)s::bigint)"
+CHUNK_ERROR_HISTORY = f"SELECT {columns(ChunkError)} FROM chunkq.chunk_error_history(%(chunk_id)s::bigint)"
+
+CLAIM_CHUNKS = (
+    f"SELECT {CHUNK} FROM chunkq.claim_chunks(%(worker_id)s::text, %(limit)s::integer,"
+    " %(job_id)s::bigint, %(lease)s::interval)"
+)
+CLAIM_CHUNK = (
+    f"SELECT {CHUNK} FROM chunkq.claim_chunk(%(chunk_id)s::bigint, %(worker_id)s::text,"
+    " %(lease)s::interval, %(task_id)s::text)"
+)
+HEARTBEAT_CHUNK = (
+    f"SELECT {CHUNK} FROM chunkq.heartbeat_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
+    " %(lease)s::interval, %(task_id)s::text)"
+)
+COMPLETE_CHUNK = f"SELECT {columns(ChunkOutcome)} FROM chunkq.complete_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
+FAIL_CHUNK = (
+    f"SELECT {columns(ChunkOutcome)} FROM chunkq.fail_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
+    " %(error)s::text, %(retry)s::boolean)"
+)
+RETRY_CHUNK = f"SELECT {CHUNK} FROM chunkq.retry_chunk(%(chunk_id)s::bigint)"
+RECLAIM_EXPIRED_CHUNKS = "SELECT chunkq.reclaim_expired_chunks(%(limit)s::integer) AS reclaimed"
+
+SCHEMA_VERSION = "SELECT chunkq.schema_version() AS version"

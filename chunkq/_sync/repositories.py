@@ -1,0 +1,169 @@
+# Generated from chunkq/_async/repositories.py by tools/gen_sync.py: do not edit; edit the async source.
+"""Repositories: one method per chunkq SQL function, on the caller's connection.
+
+The seed's names. ``CrawlJobRepository`` covers chunkq.crawl_jobs,
+``JobChunkRepository`` chunkq.job_chunks. Methods that act on a claimed chunk
+take the ``attempt`` the claim returned: it is the fencing token that keeps a
+worker whose lease lapsed from overwriting a newer attempt.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from psycopg import Connection
+from psycopg.rows import class_row, dict_row
+
+from .. import _queries as q
+from .._params import default_worker_id, error_text, interval, keywords_json
+from ..records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress
+from .execute import fetch
+
+
+class CrawlJobRepository:
+    """Crawl jobs (chunkq.crawl_jobs)."""
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self.conn = conn
+
+    def create(
+        self,
+        *,
+        project_id: int,
+        name: str,
+        keywords: Any = None,
+        max_images: int,
+        priority: int | None = None,
+        max_retries: int | None = None,
+        chunk_size: int | None = None,
+    ) -> CrawlJob:
+        """Creates a job without chunks. None takes the deployment default (chunkq.settings)."""
+        params = {
+            "project_id": project_id,
+            "name": name,
+            "keywords": keywords_json(keywords),
+            "max_images": max_images,
+            "priority": priority,
+            "max_retries": max_retries,
+            "chunk_size": chunk_size,
+        }
+        rows = fetch(self.conn, q.CREATE_JOB, params, class_row(CrawlJob))
+        return rows[0]
+
+    def get_by_id(self, job_id: int) -> CrawlJob | None:
+        rows = fetch(self.conn, q.GET_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        return rows[0] if rows else None
+
+    def cancel(self, job_id: int) -> CrawlJob:
+        """Cancels the job's pending and processing chunks; a no-op for a cancelled job."""
+        rows = fetch(self.conn, q.CANCEL_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        return rows[0]
+
+    def progress(self, job_id: int) -> JobProgress:
+        rows = fetch(self.conn, q.JOB_PROGRESS, {"job_id": job_id}, class_row(JobProgress))
+        return rows[0]
+
+
+class JobChunkRepository:
+    """Chunks of crawl jobs (chunkq.job_chunks)."""
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self.conn = conn
+
+    def create_for_job(
+        self,
+        job_id: int,
+        max_images: int | None = None,
+        priority: int | None = None,
+        chunk_size: int | None = None,
+    ) -> CrawlJob:
+        """Splits the job into chunks once; returns the job with ``total_chunks`` set."""
+        params = {"job_id": job_id, "max_images": max_images, "priority": priority, "chunk_size": chunk_size}
+        rows = fetch(self.conn, q.CREATE_CHUNKS, params, class_row(CrawlJob))
+        return rows[0]
+
+    def list_for_job(self, job_id: int, status: ChunkStatus | str | None = None) -> list[JobChunk]:
+        """The job's chunks in chunk_index order, optionally only those in one status."""
+        params = {"job_id": job_id, "status": status}
+        return fetch(self.conn, q.LIST_CHUNKS, params, class_row(JobChunk))
+
+    def failed_for_job(self, job_id: int) -> list[JobChunk]:
+        return fetch(self.conn, q.FAILED_CHUNKS, {"job_id": job_id}, class_row(JobChunk))
+
+    def get_by_id(self, chunk_id: int) -> JobChunk | None:
+        rows = fetch(self.conn, q.GET_CHUNK, {"chunk_id": chunk_id}, class_row(JobChunk))
+        return rows[0] if rows else None
+
+    def error_history(self, chunk_id: int) -> list[ChunkError]:
+        return fetch(self.conn, q.CHUNK_ERROR_HISTORY, {"chunk_id": chunk_id}, class_row(ChunkError))
+
+    def claim(
+        self,
+        worker_id: str | None = None,
+        *,
+        limit: int = 1,
+        job_id: int | None = None,
+        lease: timedelta | float | None = None,
+    ) -> list[JobChunk]:
+        """Claims up to ``limit`` chunks (highest priority, then oldest), each handed to this caller only."""
+        params = {
+            "worker_id": worker_id or default_worker_id(),
+            "limit": limit,
+            "job_id": job_id,
+            "lease": interval(lease),
+        }
+        return fetch(self.conn, q.CLAIM_CHUNKS, params, class_row(JobChunk))
+
+    def claim_by_id(
+        self,
+        chunk_id: int,
+        worker_id: str | None = None,
+        *,
+        lease: timedelta | float | None = None,
+        task_id: str | None = None,
+    ) -> JobChunk:
+        """Claims one given pending chunk; InvalidTransition if it is not pending."""
+        params = {
+            "chunk_id": chunk_id,
+            "worker_id": worker_id or default_worker_id(),
+            "lease": interval(lease),
+            "task_id": task_id,
+        }
+        rows = fetch(self.conn, q.CLAIM_CHUNK, params, class_row(JobChunk))
+        return rows[0]
+
+    def heartbeat(
+        self,
+        chunk_id: int,
+        attempt: int | None,
+        *,
+        lease: timedelta | float | None = None,
+        task_id: str | None = None,
+    ) -> JobChunk:
+        """Extends the lease of a chunk this caller holds; LeaseLost if it does not any more."""
+        params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id}
+        rows = fetch(self.conn, q.HEARTBEAT_CHUNK, params, class_row(JobChunk))
+        return rows[0]
+
+    def complete(self, chunk_id: int, attempt: int | None) -> ChunkOutcome:
+        """Marks the chunk completed. ``attempt=None`` skips the fencing check (operator use)."""
+        params = {"chunk_id": chunk_id, "attempt": attempt}
+        rows = fetch(self.conn, q.COMPLETE_CHUNK, params, class_row(ChunkOutcome))
+        return rows[0]
+
+    def fail(self, chunk_id: int, attempt: int | None, error: object, *, retry: bool = False) -> ChunkOutcome:
+        """Records ``error``; with ``retry`` the chunk goes back to pending after a backoff while retries last."""
+        params = {"chunk_id": chunk_id, "attempt": attempt, "error": error_text(error), "retry": retry}
+        rows = fetch(self.conn, q.FAIL_CHUNK, params, class_row(ChunkOutcome))
+        return rows[0]
+
+    def retry(self, chunk_id: int) -> JobChunk:
+        """Puts a failed chunk back to pending with retry_count + 1."""
+        rows = fetch(self.conn, q.RETRY_CHUNK, {"chunk_id": chunk_id}, class_row(JobChunk))
+        return rows[0]
+
+    def reclaim_expired(self, limit: int = 100) -> int:
+        """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""
+        rows = fetch(self.conn, q.RECLAIM_EXPIRED_CHUNKS, {"limit": limit}, dict_row)
+        return int(rows[0]["reclaimed"])

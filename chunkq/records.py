@@ -1,0 +1,170 @@
+"""Immutable records of what the SQL functions return; field names are the column names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, TypedDict
+
+
+class ChunkStatus(StrEnum):
+    """chunkq.chunk_status; members compare equal to their names as strings."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStatus(StrEnum):
+    """chunkq.job_status."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _coerce(record: Any, **enums: type[StrEnum]) -> None:
+    # Rows arrive with enums as plain strings; frozen dataclasses need object.__setattr__.
+    for name, enum in enums.items():
+        value = getattr(record, name)
+        if value is not None and not isinstance(value, enum):
+            object.__setattr__(record, name, enum(value))
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlJob:
+    """A row of chunkq.crawl_jobs."""
+
+    id: int
+    project_id: int
+    name: str
+    keywords: Any
+    max_images: int
+    chunk_size: int
+    priority: int
+    max_retries: int
+    status: JobStatus
+    total_chunks: int
+    created_at: datetime
+    chunked_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _coerce(self, status=JobStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class JobChunk:
+    """A row of chunkq.job_chunks: images image_start..image_end (inclusive) of a job."""
+
+    id: int
+    job_id: int
+    chunk_index: int
+    image_start: int
+    image_end: int
+    status: ChunkStatus
+    priority: int
+    attempt: int
+    retry_count: int
+    worker_id: str | None
+    task_id: str | None
+    lease_expires_at: datetime | None
+    available_at: datetime
+    error_message: str | None
+    created_at: datetime
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _coerce(self, status=ChunkStatus)
+
+    @property
+    def image_range(self) -> dict[str, int]:
+        """The seed's shape: ``{'start': first image, 'end': last image}``, both inclusive."""
+        return {"start": self.image_start, "end": self.image_end}
+
+    @property
+    def image_count(self) -> int:
+        return self.image_end - self.image_start + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkOutcome:
+    """What complete_chunk / fail_chunk did (chunkq.chunk_outcome)."""
+
+    chunk_id: int
+    job_id: int
+    chunk_status: ChunkStatus
+    attempt: int
+    retry_count: int
+    available_at: datetime
+    job_status: JobStatus
+    job_finished: bool  # true for the one call that finished the job
+
+    def __post_init__(self) -> None:
+        _coerce(self, chunk_status=ChunkStatus, job_status=JobStatus)
+
+
+class ProgressDict(TypedDict):
+    """get_job_chunk_progress's result, the seed's shape plus job_id, status and cancelled_chunks."""
+
+    job_id: int
+    status: str
+    total_chunks: int
+    pending_chunks: int
+    processing_chunks: int
+    completed_chunks: int
+    failed_chunks: int
+    cancelled_chunks: int
+    completion_percentage: float
+    is_complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """chunkq.job_progress: chunk counts of one job."""
+
+    job_id: int
+    status: JobStatus
+    total_chunks: int
+    pending_chunks: int
+    processing_chunks: int
+    completed_chunks: int
+    failed_chunks: int
+    cancelled_chunks: int
+    completion_percentage: float  # completed / total * 100
+    is_complete: bool  # has chunks, none pending or processing
+
+    def __post_init__(self) -> None:
+        _coerce(self, status=JobStatus)
+
+    def as_dict(self) -> ProgressDict:
+        return ProgressDict(**dataclasses.asdict(self))  # type: ignore[typeddict-item]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkError:
+    """A row of chunkq.chunk_errors: one failed or abandoned attempt."""
+
+    id: int
+    chunk_id: int
+    job_id: int
+    attempt: int
+    worker_id: str | None
+    error: str
+    lease_expired: bool
+    retried: bool
+    failed_at: datetime
+
+
+def columns(record: type[Any]) -> str:
+    """The select list for a record: its field names, in order."""
+    return ", ".join(field.name for field in dataclasses.fields(record))

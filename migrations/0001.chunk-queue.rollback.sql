@@ -1,0 +1,2 @@
+-- Rolls back 0001: removes the chunk queue and everything in it.
+DROP SCHEMA chunkq CASCADE;

@@ -1,0 +1,63 @@
+"""Fixtures: a real Postgres server per session, a freshly migrated database per test.
+
+The server is CHUNKQ_TEST_DSN, else a testcontainers container when Docker
+answers, else an embedded Postgres (see chunkq.testing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+
+from chunkq.testing import TemplateDatabases, TestServer, postgres_server
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[TestServer]:
+    with postgres_server() as server:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"chunkq tests on PostgreSQL {server.version()} ({server.source})")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def databases(pg_server: TestServer) -> Iterator[TemplateDatabases]:
+    dbs = TemplateDatabases(pg_server.dsn)
+    dbs.create_template()
+    yield dbs
+    dbs.drop(dbs.template)
+
+
+@pytest.fixture
+def dsn(databases: TemplateDatabases) -> Iterator[str]:
+    """A fresh database with the chunkq schema, dropped after the test."""
+    name = databases.create()
+    yield databases.dsn(name)
+    databases.drop(name)
+
+
+@pytest.fixture
+def empty_dsn(databases: TemplateDatabases) -> Iterator[str]:
+    """A fresh database without the chunkq schema."""
+    name = databases.create(template=False)
+    yield databases.dsn(name)
+    databases.drop(name)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection: each chunkq call is its own transaction."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+async def aconn(dsn: str) -> AsyncIterator[psycopg.AsyncConnection]:
+    connection = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        yield connection
+    finally:
+        await connection.close()

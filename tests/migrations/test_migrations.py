@@ -1,0 +1,101 @@
+"""Migrations: the stock yoyo CLI, chunkq.migrate(), the committed schema snapshot, comments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import chunkq
+from chunkq.migrate import migrations_path, yoyo_url
+from tests.migrations.schema import describe
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAPSHOT = Path(__file__).with_name("schema.snapshot")
+
+
+def yoyo(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).with_name("yoyo")), *args, "--batch", "--database", yoyo_url(dsn)]
+    return subprocess.run(command + ["migrations"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def chunkq_schema_exists(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'chunkq'").fetchone()[0] == 1
+
+
+def test_stock_yoyo_cli_applies_rolls_back_and_reapplies(empty_dsn):
+    applied = yoyo("apply", dsn=empty_dsn)
+    assert applied.returncode == 0, applied.stderr
+    assert chunkq_schema_exists(empty_dsn)
+    rolled_back = yoyo("rollback", "--all", dsn=empty_dsn)
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert not chunkq_schema_exists(empty_dsn)
+    again = yoyo("apply", dsn=empty_dsn)
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(empty_dsn) as conn:
+        assert chunkq.check_schema(conn) == chunkq.SCHEMA_VERSION
+
+
+def test_yoyo_url_accepts_every_dsn_form():
+    assert yoyo_url("postgresql://u:p%40ss@db.example:6543/app?sslmode=disable").startswith("postgresql+psycopg:///?")
+    assert "host=%2Ftmp%2Fsock" in yoyo_url("postgresql://postgres:@/postgres?host=/tmp/sock")
+    assert "dbname=app" in yoyo_url("host=localhost dbname=app user=me")
+    with pytest.raises(chunkq.ValidationError, match="invalid DSN"):
+        yoyo_url("host=localhost dbname")
+
+
+def test_migrate_is_idempotent_and_rollback_removes_everything(empty_dsn):
+    assert chunkq.migrate(empty_dsn) == ["0001.chunk-queue"]
+    assert chunkq.migrate(empty_dsn) == []
+    assert chunkq.rollback(empty_dsn) == ["0001.chunk-queue"]
+    assert not chunkq_schema_exists(empty_dsn)
+
+
+def test_every_migration_has_a_rollback():
+    forward = sorted(p for p in migrations_path().glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    assert forward, "no migrations found"
+    for path in forward:
+        assert path.with_name(path.stem + ".rollback.sql").exists(), path.name
+
+
+def test_schema_matches_the_committed_snapshot(dsn):
+    with psycopg.connect(dsn) as conn:
+        actual = describe(conn)
+    if os.environ.get("CHUNKQ_UPDATE_SNAPSHOT"):
+        SNAPSHOT.write_text(actual)
+    assert actual == SNAPSHOT.read_text(), (
+        "the migrated schema differs from tests/migrations/schema.snapshot; if the change is intended, "
+        "rerun with CHUNKQ_UPDATE_SNAPSHOT=1 and commit the snapshot"
+    )
+
+
+def test_every_object_in_the_schema_has_a_comment(conn):
+    missing = conn.execute(
+        """
+        SELECT 'schema chunkq' WHERE obj_description('chunkq'::regnamespace, 'pg_namespace') IS NULL
+        UNION ALL
+        SELECT 'relation ' || c.relname FROM pg_class c
+         WHERE c.relnamespace = 'chunkq'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'i')
+           AND obj_description(c.oid, 'pg_class') IS NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = c.oid)  -- PK/UNIQUE indexes
+        UNION ALL
+        SELECT 'column ' || c.relname || '.' || a.attname FROM pg_class c
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE c.relnamespace = 'chunkq'::regnamespace AND c.relkind IN ('r', 'v', 'm')
+           AND col_description(c.oid, a.attnum) IS NULL
+        UNION ALL
+        SELECT 'type ' || t.typname FROM pg_type t
+         WHERE t.typnamespace = 'chunkq'::regnamespace AND t.typtype IN ('e', 'c')
+           AND (t.typrelid = 0 OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
+           AND obj_description(t.oid, 'pg_type') IS NULL
+        UNION ALL
+        SELECT 'function ' || p.oid::regprocedure FROM pg_proc p
+         WHERE p.pronamespace = 'chunkq'::regnamespace AND obj_description(p.oid, 'pg_proc') IS NULL
+        """
+    ).fetchall()
+    assert missing == []

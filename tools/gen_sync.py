@@ -1,0 +1,59 @@
+"""Generates the sync client (chunkq/_sync) from the async source (chunkq/_async).
+
+psycopg's approach: one source, the other side generated and committed, and a
+test (tests/client/test_sync_generated.py) fails when the two drift apart.
+
+    python tools/gen_sync.py           # rewrite chunkq/_sync/*.py
+    python tools/gen_sync.py --check   # exit 1 if they are out of date
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import unasync
+
+ROOT = Path(__file__).resolve().parent.parent
+ASYNC_DIR = ROOT / "chunkq" / "_async"
+SYNC_DIR = ROOT / "chunkq" / "_sync"
+# _async/__init__.py describes the source; _sync/__init__.py is written by hand.
+SOURCES = sorted(p.name for p in ASYNC_DIR.glob("*.py") if p.name != "__init__.py")
+REPLACEMENTS = {
+    "AsyncConnection": "Connection",
+    "AsyncCursor": "Cursor",
+    "AsyncConnectionPool": "ConnectionPool",
+}
+HEADER = "# Generated from chunkq/_async/{name} by tools/gen_sync.py: do not edit; edit the async source.\n"
+
+
+def generated() -> dict[str, str]:
+    """File name -> the sync module it should contain."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "_async"
+        src.mkdir()
+        for name in SOURCES:
+            shutil.copy(ASYNC_DIR / name, src / name)
+        rule = unasync.Rule("/_async/", "/_sync/", additional_replacements=REPLACEMENTS)
+        unasync.unasync_files([str(src / name) for name in SOURCES], rules=[rule])
+        return {name: HEADER.format(name=name) + (Path(tmp) / "_sync" / name).read_text() for name in SOURCES}
+
+
+def main(argv: list[str]) -> int:
+    expected = generated()
+    stale = [name for name, text in expected.items()
+             if not (SYNC_DIR / name).exists() or (SYNC_DIR / name).read_text() != text]
+    if "--check" in argv:
+        for name in stale:
+            print(f"chunkq/_sync/{name} is out of date: run python tools/gen_sync.py", file=sys.stderr)
+        return 1 if stale else 0
+    for name in stale:
+        (SYNC_DIR / name).write_text(expected[name])
+        print(f"wrote chunkq/_sync/{name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
