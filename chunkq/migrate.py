@@ -7,7 +7,9 @@ package.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -50,33 +52,34 @@ def yoyo_url(dsn: str) -> str:
     return "postgresql+psycopg:///?" + urlencode(params)
 
 
-def migrate(dsn: str) -> list[str]:
-    """Applies the migrations the database lacks; returns their ids. Safe to run concurrently."""
+@contextlib.contextmanager
+def _locked_backend(dsn: str) -> Iterator[tuple[Any, Any]]:
+    """yoyo's backend for ``dsn``, holding yoyo's migration lock, and chunkq's migrations."""
     backend = get_backend(yoyo_url(dsn))
     try:
-        migrations = read_migrations(str(migrations_path()))
         with backend.lock():
-            pending = backend.to_apply(migrations)
-            backend.apply_migrations(pending)
-        applied = [m.id for m in pending]
-        if applied:
-            logger.info("applied migrations: %s", ", ".join(applied))
-        return applied
+            yield backend, read_migrations(str(migrations_path()))
     finally:
         backend.connection.close()
+
+
+def migrate(dsn: str) -> list[str]:
+    """Applies the migrations the database lacks; returns their ids. Safe to run concurrently."""
+    with _locked_backend(dsn) as (backend, migrations):
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    applied = [m.id for m in pending]
+    if applied:
+        logger.info("applied migrations: %s", ", ".join(applied))
+    return applied
 
 
 def rollback(dsn: str) -> list[str]:
     """Rolls back every applied chunkq migration (drops the schema and its data); returns their ids."""
-    backend = get_backend(yoyo_url(dsn))
-    try:
-        migrations = read_migrations(str(migrations_path()))
-        with backend.lock():
-            applied = backend.to_rollback(migrations)
-            backend.rollback_migrations(applied)
-        return [m.id for m in applied]
-    finally:
-        backend.connection.close()
+    with _locked_backend(dsn) as (backend, migrations):
+        applied = backend.to_rollback(migrations)
+        backend.rollback_migrations(applied)
+    return [m.id for m in applied]
 
 
 def check_schema(conn: Connection[Any]) -> int:
