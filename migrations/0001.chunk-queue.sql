@@ -442,14 +442,16 @@ COMMENT ON FUNCTION chunkq._validate_shape(bigint, integer) IS
     'Internal: raises CQ001 unless max_images and chunk_size are sane and make at most '
     'settings.max_chunks_per_job chunks; returns the number of chunks.';
 
-CREATE FUNCTION chunkq._apply_chunk_moves(p_moves chunkq._chunk_move[]) RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
+CREATE FUNCTION chunkq._apply_chunk_moves(p_moves chunkq._chunk_move[])
+RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
 LANGUAGE plpgsql AS $$
 -- Every change of chunk status goes through here, in the same transaction as the
--- change itself, once per call with all of the call's moves (so that the counter
--- rows are locked in one ordered pass). It moves the counts in job_chunk_counts, starts jobs whose first
--- chunk is claimed, finishes jobs with nothing left pending or processing, and
--- reopens finished jobs whose failed chunk is retried. Returns one row per job
--- whose open_slots changed; finished is true for the call that finished the job.
+-- change, once per call with all of the call's moves (so that the counter rows
+-- are locked in one ordered pass). It moves the counts in job_chunk_counts,
+-- starts jobs whose first chunk is claimed, finishes jobs with nothing left
+-- pending or processing, and reopens finished jobs whose failed chunk is retried.
+-- Returns one row per job whose open_slots changed; finished is true for the
+-- call that finished the job.
 --
 -- Finishing exactly once: each counter row is changed by UPDATE, which waits for
 -- a concurrent change of the same row and applies on top of it, so exactly one
@@ -559,8 +561,9 @@ BEGIN
     END LOOP;
 END $$;
 COMMENT ON FUNCTION chunkq._apply_chunk_moves(chunkq._chunk_move[]) IS
-    'Internal: books status changes of chunks into job_chunk_counts and moves the jobs along: started on first claim; finished exactly once when nothing is '
-    'pending or processing (cancelled if any chunk was cancelled, else failed if any failed, else completed); '
+    'Internal: books status changes of chunks into job_chunk_counts and moves the jobs along: started on '
+    'first claim; finished exactly once when nothing is pending or processing (cancelled if any chunk was '
+    'cancelled, else failed if any failed, else completed); '
     'running again when a failed chunk of a finished job is retried. NOTIFY chunkq_job_finished with '
     '{"job_id": ..., "status": ...} when a job finishes.';
 

@@ -13,14 +13,19 @@ import pytest
 
 from chunkq.testing import TemplateDatabases, TestServer, postgres_server
 
+SERVER_KEY = pytest.StashKey[str]()
+
 
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> Iterator[TestServer]:
     with postgres_server() as server:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"chunkq tests on PostgreSQL {server.version()} ({server.source})")
+        request.config.stash[SERVER_KEY] = f"PostgreSQL {server.version()} ({server.source})"
         yield server
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if SERVER_KEY in config.stash:
+        terminalreporter.write_line(f"chunkq tests ran on {config.stash[SERVER_KEY]}")
 
 
 @pytest.fixture(scope="session")
