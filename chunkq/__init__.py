@@ -20,7 +20,7 @@ from .errors import (
     ValidationError,
 )
 from .migrate import SCHEMA_VERSION, check_schema, migrate, rollback
-from .records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, JobStatus
+from .records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, JobStatus, LeaseState
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,6 +41,7 @@ __all__ = [
     "JobProgress",
     "JobStatus",
     "LeaseLost",
+    "LeaseState",
     "NotFound",
     "SchemaNotMigrated",
     "ValidationError",

@@ -8,7 +8,7 @@ added by a later migration does not break an older client.
 
 from __future__ import annotations
 
-from .records import ChunkError, ChunkOutcome, CrawlJob, JobChunk, JobProgress, columns
+from .records import ChunkError, ChunkOutcome, CrawlJob, JobChunk, JobProgress, LeaseState, columns
 
 JOB = columns(CrawlJob)
 CHUNK = columns(JobChunk)
@@ -43,10 +43,15 @@ HEARTBEAT_CHUNK = (
     " %(lease)s::interval, %(task_id)s::text)"
 )
 COMPLETE_CHUNK = f"SELECT {columns(ChunkOutcome)} FROM chunkq.complete_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
+HEARTBEAT_CHUNKS = (
+    f"SELECT {columns(LeaseState)} FROM chunkq.heartbeat_chunks(%(chunk_ids)s::bigint[], %(attempts)s::integer[],"
+    " %(lease)s::interval)"
+)
 FAIL_CHUNK = (
     f"SELECT {columns(ChunkOutcome)} FROM chunkq.fail_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
-    " %(error)s::text, %(retry)s::boolean)"
+    " %(error)s::text, %(retry)s::boolean, %(max_retries)s::integer)"
 )
+RELEASE_CHUNK = f"SELECT {CHUNK} FROM chunkq.release_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
 RETRY_CHUNK = f"SELECT {CHUNK} FROM chunkq.retry_chunk(%(chunk_id)s::bigint)"
 RECLAIM_EXPIRED_CHUNKS = "SELECT chunkq.reclaim_expired_chunks(%(limit)s::integer) AS reclaimed"
 

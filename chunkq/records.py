@@ -176,6 +176,19 @@ class ChunkError:
     failed_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """One chunk of a heartbeat_chunks call (chunkq.lease_state)."""
+
+    chunk_id: int
+    held: bool  # still ours, lease extended
+    status: ChunkStatus | None  # what became of it otherwise (None: the chunk was deleted)
+    lease_expires_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _coerce(self, status=ChunkStatus)
+
+
 def columns(record: type[Any]) -> str:
     """The select list for a record: its field names, in order."""
     return ", ".join(field.name for field in dataclasses.fields(record))

@@ -16,7 +16,7 @@ from psycopg.rows import class_row, dict_row
 
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json
-from ..records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress
+from ..records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, LeaseState
 from .execute import fetch
 
 
@@ -145,16 +145,49 @@ class JobChunkRepository:
         rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, class_row(JobChunk))
         return rows[0]
 
+    async def heartbeat_many(
+        self, held: list[tuple[int, int]], *, lease: timedelta | float | None = None
+    ) -> list[LeaseState]:
+        """Extends the leases of (chunk id, attempt) pairs in one call; lost ones come back ``held=False``."""
+        params = {
+            "chunk_ids": [chunk_id for chunk_id, _ in held],
+            "attempts": [attempt for _, attempt in held],
+            "lease": interval(lease),
+        }
+        return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, class_row(LeaseState))
+
     async def complete(self, chunk_id: int, attempt: int | None) -> ChunkOutcome:
         """Marks the chunk completed. ``attempt=None`` skips the fencing check (operator use)."""
         params = {"chunk_id": chunk_id, "attempt": attempt}
         rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, class_row(ChunkOutcome))
         return rows[0]
 
-    async def fail(self, chunk_id: int, attempt: int | None, error: object, *, retry: bool = False) -> ChunkOutcome:
-        """Records ``error``; with ``retry`` the chunk goes back to pending after a backoff while retries last."""
-        params = {"chunk_id": chunk_id, "attempt": attempt, "error": error_text(error), "retry": retry}
+    async def fail(
+        self,
+        chunk_id: int,
+        attempt: int | None,
+        error: object,
+        *,
+        retry: bool = False,
+        max_retries: int | None = None,
+    ) -> ChunkOutcome:
+        """Records ``error``; with ``retry`` the chunk goes back to pending after a backoff while retries last.
+
+        ``max_retries`` overrides the job's.
+        """
+        params = {
+            "chunk_id": chunk_id,
+            "attempt": attempt,
+            "error": error_text(error),
+            "retry": retry,
+            "max_retries": max_retries,
+        }
         rows = await fetch(self.conn, q.FAIL_CHUNK, params, class_row(ChunkOutcome))
+        return rows[0]
+
+    async def release(self, chunk_id: int, attempt: int) -> JobChunk:
+        """Hands a chunk this caller holds back to pending without counting a retry (shutdown)."""
+        rows = await fetch(self.conn, q.RELEASE_CHUNK, {"chunk_id": chunk_id, "attempt": attempt}, class_row(JobChunk))
         return rows[0]
 
     async def retry(self, chunk_id: int) -> JobChunk:

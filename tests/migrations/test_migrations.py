@@ -49,11 +49,37 @@ def test_yoyo_url_accepts_every_dsn_form():
         yoyo_url("host=localhost dbname")
 
 
+ALL = ["0001.chunk-queue", "0002.worker-pool"]
+
+
 def test_migrate_is_idempotent_and_rollback_removes_everything(empty_dsn):
-    assert chunkq.migrate(empty_dsn) == ["0001.chunk-queue"]
+    assert chunkq.migrate(empty_dsn) == ALL
     assert chunkq.migrate(empty_dsn) == []
-    assert chunkq.rollback(empty_dsn) == ["0001.chunk-queue"]
+    assert chunkq.rollback(empty_dsn) == ALL[::-1]
     assert not chunkq_schema_exists(empty_dsn)
+
+
+def test_a_database_one_migration_behind_is_refused_then_upgraded(empty_dsn):
+    first = yoyo("apply", "--revision", "0001.chunk-queue", dsn=empty_dsn)
+    assert first.returncode == 0, first.stderr
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
+        with pytest.raises(chunkq.SchemaNotMigrated, match="version 1, this client needs 2"):
+            chunkq.check_schema(conn)
+        assert chunkq.migrate(empty_dsn) == ["0002.worker-pool"]
+        assert chunkq.check_schema(conn) == 2
+
+
+def test_rolling_back_0002_restores_the_0001_api(empty_dsn):
+    chunkq.migrate(empty_dsn)
+    rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)
+    assert rolled.returncode == 0, rolled.stderr
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        signatures = {row[0] for row in conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'chunkq'::regnamespace"
+            " AND p.proname IN ('fail_chunk', 'release_chunk', 'heartbeat_chunks', 'schema_version')")}
+        assert signatures == {"chunkq.fail_chunk(bigint,integer,text,boolean)", "chunkq.schema_version()"}
+        assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
 
 
 def test_every_migration_has_a_rollback():

@@ -1,0 +1,41 @@
+"""Handlers for the worker-pool tests, steered by environment variables of the pool process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from workers import ChunkTask, DoNotRetry
+
+SLEEP = float(os.environ.get("CHUNKQ_TEST_SLEEP", "0"))
+
+
+def slow_first(chunk: ChunkTask) -> None:
+    """Chunk index 0 takes CHUNKQ_TEST_SLEEP seconds on its first attempt; the rest are instant."""
+    if chunk.chunk_index == 0 and chunk.attempt == 1:
+        time.sleep(SLEEP)
+
+
+def sleepy(chunk: ChunkTask) -> None:
+    """Every chunk takes CHUNKQ_TEST_SLEEP seconds, whatever happens meanwhile."""
+    time.sleep(SLEEP)
+
+
+def flaky_twice(chunk: ChunkTask) -> None:
+    if chunk.attempt <= 2:
+        raise RuntimeError(f"flaky attempt {chunk.attempt} of chunk {chunk.chunk_index}")
+
+
+def always_fails(chunk: ChunkTask) -> None:
+    raise ValueError(f"no images for {chunk.keywords!r}")
+
+
+def refuses(chunk: ChunkTask) -> None:
+    raise DoNotRetry("keywords are not allowed")
+
+
+def tiny(chunk: ChunkTask) -> None:
+    time.sleep(0.003)
+
+
+NOT_CALLABLE = "a string"

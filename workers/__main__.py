@@ -1,0 +1,56 @@
+"""python -m workers --dsn ... --processes N --handler package.module:function
+
+Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 when workers had to be
+killed or could not drain, 2 for a bad option, handler, DSN or schema (nothing
+was claimed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import psycopg
+
+from chunkq import ChunkqError
+from chunkq.migrate import check_schema
+
+from . import logs
+from .config import ConfigError, PoolConfig, add_arguments, from_args
+from .handler import HandlerError, load_handler
+from .supervisor import Supervisor
+
+
+def preflight(config: PoolConfig) -> None:
+    """Everything that can be wrong before a worker starts: the handler, the database, the schema."""
+    load_handler(config.handler)
+    try:
+        with psycopg.connect(config.dsn, connect_timeout=10, autocommit=True) as conn:
+            check_schema(conn)
+    except psycopg.OperationalError as exc:
+        raise ConfigError(f"cannot connect to the database: {str(exc).strip()}") from exc
+
+
+def run(config: PoolConfig) -> int:
+    logs.setup(config.log_format)
+    try:
+        preflight(config)
+    except (ConfigError, HandlerError, ChunkqError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return Supervisor(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="Run a chunkq worker pool.")
+    add_arguments(parser)
+    try:
+        config = from_args(parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""One worker process: claim chunks, run the handler on each, report the outcome.
+
+The loop: claim (up to --batch chunks) -> for each, run the handler while the
+LeaseKeeper heartbeats -> complete, or fail (retried with backoff unless
+DoNotRetry) -> claim again; when there is nothing to claim, wait for the
+supervisor's wake-up (a NOTIFY arrived) or the poll interval.
+
+The connection is opened here, in the worker process, and reopened with backoff
+whenever Postgres goes away. A report that could not be delivered is sent again
+after reconnecting; if the chunk was meanwhile reclaimed, chunkq refuses the stale
+report (LeaseLost) and the chunk is re-run elsewhere: never lost, never counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, LeaseLost
+from chunkq.migrate import check_schema
+from chunkq.sync import CrawlJobRepository, JobChunkRepository
+
+from . import logs
+from .config import PoolConfig
+from .handler import ChunkTask, DoNotRetry, Handler, load_handler
+from .lease import Holdings, LeaseKeeper
+
+T = TypeVar("T")
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class Session:
+    """The worker's one connection, reopened with backoff when it breaks."""
+
+    def __init__(self, config: PoolConfig, stopping: threading.Event) -> None:
+        self.config, self.stopping = config, stopping
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def connect(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                # prepare_threshold=None: no server-side prepared statements, which
+                # PgBouncer in transaction mode cannot follow (the --no-listen setup).
+                prepare = 5 if self.config.listen else None
+                self.conn = psycopg.connect(self.config.dsn, autocommit=True, prepare_threshold=prepare,
+                                            connect_timeout=10)
+                self.chunks = JobChunkRepository(self.conn)
+                self.jobs = CrawlJobRepository(self.conn)
+                return
+            except CONNECTION_ERRORS as exc:
+                logs.event("cannot connect, retrying", level=logging.WARNING, retry_in_s=delay, error=str(exc))
+                if self.stopping.wait(delay):
+                    raise SystemExit(1) from exc
+                delay = min(delay * 2, 10.0)
+
+    def call(self, operation: Callable[[Session], T]) -> T:
+        """Runs ``operation``; on a broken connection, reconnects and runs it again."""
+        while True:
+            try:
+                return operation(self)
+            except CONNECTION_ERRORS as exc:
+                logs.event("connection lost, reconnecting", level=logging.WARNING, error=str(exc))
+                if self.conn is not None:
+                    self.conn.close()
+                self.connect()
+
+
+class Worker:
+    def __init__(self, config: PoolConfig, slot: int, handler: Handler, wake: Any, idle: Any) -> None:
+        self.config, self.slot, self.handler, self.wake, self.idle = config, slot, handler, wake, idle
+        self.stopping = threading.Event()
+        self.deadline: float | None = None  # set on SIGTERM: running chunks must be done by then
+        self.session = Session(config, self.stopping)
+        self.holdings = Holdings()
+        self.keywords: dict[int, Any] = {}  # job id -> keywords, fetched once per job
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.config.name}:{os.getpid()}"
+
+    def stop(self, _signum: int = 0, _frame: object = None) -> None:
+        """SIGTERM: stop claiming; running chunks get the grace period. Idempotent, because a
+        service manager may signal the whole process group as well as the supervisor; exiting
+        at once on a second signal is the supervisor's call (it SIGKILLs)."""
+        if not self.stopping.is_set():
+            self.deadline = time.monotonic() + self.config.grace
+            self.stopping.set()
+
+    def run(self) -> int:
+        self.session.connect()
+        check_schema(self.session.conn)  # type: ignore[arg-type]
+        keeper = LeaseKeeper(self.session, self.holdings, self.config.heartbeat, self.config.lease,
+                             lambda: self.deadline)
+        keeper.start()
+        logs.event("worker started", worker=self.worker_id)
+        while not self.stopping.is_set():
+            self.idle[self.slot] = 1  # before claiming, so a wake-up sent meanwhile is not missed
+            self.wake.clear()
+            chunks = self.session.call(lambda s: s.chunks.claim(
+                self.worker_id, limit=self.config.batch, job_id=self.config.job_id, lease=self.config.lease))
+            if chunks:
+                self.idle[self.slot] = 0
+                self.process(chunks)
+            else:
+                self.wait_for_work()
+        keeper.finished.set()
+        logs.event("worker stopped", worker=self.worker_id)
+        return 0
+
+    def wait_for_work(self) -> None:
+        until = time.monotonic() + self.config.poll
+        while not self.stopping.is_set() and (left := until - time.monotonic()) > 0:
+            if self.wake.wait(min(left, 0.2)):
+                return
+
+    def process(self, chunks: list[JobChunk]) -> None:
+        lost = {chunk.id: self.holdings.add(chunk) for chunk in chunks}
+        for chunk in chunks:
+            if self.stopping.is_set():
+                break
+            self.run_one(chunk, lost[chunk.id])
+        # Stopping with chunks claimed but not started: hand them back, no retry spent.
+        with self.holdings.lock:
+            for chunk_id, attempt in self.holdings.pairs():
+                self.session.call(lambda s: s.chunks.release(chunk_id, attempt))
+                self.holdings.drop(chunk_id)
+                logs.event("chunk released", chunk=chunk_id, attempt=attempt, outcome="released")
+
+    def run_one(self, chunk: JobChunk, lost: threading.Event) -> None:
+        task = ChunkTask(chunk.id, chunk.job_id, chunk.chunk_index, chunk.image_start, chunk.image_end,
+                         self.job_keywords(chunk.job_id), chunk.attempt, lost)
+        started = time.monotonic()
+        error: str | None = None
+        retry = True
+        try:
+            self.handler(task)
+        except DoNotRetry as exc:
+            error, retry = describe(exc), False
+        except Exception as exc:
+            error = describe(exc)
+        outcome = self.report(chunk, error, retry)
+        logs.event(
+            "chunk " + outcome,
+            level=logging.INFO if outcome == "completed" else logging.WARNING,
+            event="chunk", job=chunk.job_id, chunk=chunk.id, index=chunk.chunk_index, attempt=chunk.attempt,
+            outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1), worker=self.worker_id,
+            **({"error": error} if error else {}),
+        )
+
+    def report(self, chunk: JobChunk, error: str | None, retry: bool) -> str:
+        """Records the outcome; returns completed, retrying, failed, lease_lost or cancelled."""
+
+        def deliver(session: Session) -> str:
+            try:
+                if error is None:
+                    session.chunks.complete(chunk.id, chunk.attempt)
+                    return "completed"
+                outcome = session.chunks.fail(chunk.id, chunk.attempt, error, retry=retry,
+                                              max_retries=self.config.max_retries)
+                return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
+            except ChunkCancelled:
+                return "cancelled"
+            except LeaseLost:
+                return "lease_lost"
+            except InvalidTransition:
+                # A first try may have been recorded just before the connection broke.
+                now = session.chunks.get_by_id(chunk.id)
+                if now is not None and now.attempt == chunk.attempt:
+                    recorded = {ChunkStatus.COMPLETED: "completed", ChunkStatus.FAILED: "failed",
+                                ChunkStatus.PENDING: "retrying"}
+                    return recorded.get(now.status, "refused")
+                return "lease_lost"
+
+        def send(session: Session) -> str:
+            with self.holdings.lock:
+                if not self.holdings.holds(chunk.id):  # the LeaseKeeper found the lease lost
+                    return "lease_lost"
+                outcome = deliver(session)  # a connection error leaves the chunk held: sent again
+                self.holdings.drop(chunk.id)
+                return outcome
+
+        return self.session.call(send)
+
+    def job_keywords(self, job_id: int) -> Any:
+        if job_id not in self.keywords:
+            job = self.session.call(lambda s: s.jobs.get_by_id(job_id))
+            self.keywords[job_id] = job.keywords if job else None
+        return self.keywords[job_id]
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` and the last frames of the traceback, for chunk_errors."""
+    frames = traceback.format_exception(exc, limit=-3)
+    return f"{type(exc).__name__}: {exc}\n" + "".join(frames[:-1]).rstrip()
+
+
+def main(config: PoolConfig, slot: int, wake: Any, idle: Any) -> None:
+    """Entry point of a worker process (started by the supervisor)."""
+    logs.setup(config.log_format)
+    multiprocessing.current_process().name = f"worker-{slot}"
+    worker = Worker(config, slot, load_handler(config.handler), wake, idle)
+    # Ctrl-C reaches the whole process group; the supervisor decides and sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, worker.stop)
+    try:
+        code = worker.run()
+    except Exception:
+        # A bug or an unexpected database error: log it, exit, let the supervisor
+        # restart this worker; chunks it held come back when their leases expire.
+        logs.log.exception("worker crashed")
+        code = 1
+    sys.exit(code)
