@@ -15,7 +15,10 @@
 -- rows (by job, slot) -> job rows (by id), so concurrent calls queue, never deadlock.
 -- Job-level operations that can reopen or close a whole job (create_chunks,
 -- retry_chunk, cancel_job) first take a per-job advisory lock so they cannot
--- interleave with each other.
+-- interleave with each other. The functions a worker calls for every chunk run
+-- with plan_cache_mode = force_generic_plan: their statements are simple key
+-- lookups, and re-planning them on every call (which the plan cache otherwise
+-- chose) cost more than executing them.
 -- depends:
 
 CREATE SCHEMA chunkq;
@@ -442,16 +445,75 @@ COMMENT ON FUNCTION chunkq._validate_shape(bigint, integer) IS
     'Internal: raises CQ001 unless max_images and chunk_size are sane and make at most '
     'settings.max_chunks_per_job chunks; returns the number of chunks.';
 
+CREATE FUNCTION chunkq._settle_job(p_job_id bigint, p_open_slots_delta integer, p_claimed boolean)
+RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+-- The job's side of _apply_chunk_moves: p_open_slots_delta counter rows of the
+-- job opened (+) or closed (-), and p_claimed says whether a chunk was claimed.
+DECLARE
+    v_job chunkq.crawl_jobs;
+BEGIN
+    IF p_open_slots_delta = 0 THEN
+        IF p_claimed THEN
+            -- Only a job's first claims find it pending and write to it; later claims
+            -- just read the row. SKIP LOCKED: if another first claim is starting the
+            -- job right now, leave it to that one rather than queue behind it (claims
+            -- never wait). Should that claim roll back, the next claim starts the job.
+            UPDATE chunkq.crawl_jobs j
+               SET status = 'running', started_at = now()
+             WHERE j.id = (SELECT p.id FROM chunkq.crawl_jobs p
+                            WHERE p.id = p_job_id AND p.status = 'pending'
+                              FOR NO KEY UPDATE SKIP LOCKED);
+        END IF;
+        RETURN;
+    END IF;
+
+    UPDATE chunkq.crawl_jobs j SET open_slots = j.open_slots + p_open_slots_delta
+     WHERE j.id = p_job_id
+    RETURNING j.* INTO v_job;
+    IF v_job.open_slots = 0 THEN
+        -- This call closed the job's last open slot, so it alone finishes the job.
+        -- Being a new statement, this UPDATE sees every counter change committed
+        -- before the row lock above was granted.
+        UPDATE chunkq.crawl_jobs j
+           SET status = CASE
+                   WHEN EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = j.id AND k.cancelled > 0)
+                       THEN 'cancelled'
+                   WHEN EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = j.id AND k.failed > 0)
+                       THEN 'failed'
+                   ELSE 'completed'
+               END::chunkq.job_status,
+               finished_at = now()
+         WHERE j.id = p_job_id
+        RETURNING j.* INTO v_job;
+        PERFORM pg_notify('chunkq_job_finished', json_build_object('job_id', v_job.id, 'status', v_job.status)::text);
+        RETURN QUERY SELECT v_job.id, v_job.status, true;
+    ELSIF v_job.open_slots = p_open_slots_delta AND v_job.finished_at IS NOT NULL THEN
+        -- A retried chunk reopened a finished job.
+        IF v_job.status = 'cancelled' THEN
+            RAISE EXCEPTION 'crawl job % is cancelled', v_job.id USING ERRCODE = 'CQ004';
+        END IF;
+        UPDATE chunkq.crawl_jobs j SET status = 'running', finished_at = NULL
+         WHERE j.id = p_job_id
+        RETURNING j.* INTO v_job;
+        RETURN QUERY SELECT v_job.id, v_job.status, false;
+    ELSE
+        RETURN QUERY SELECT v_job.id, v_job.status, false;
+    END IF;
+END $$;
+COMMENT ON FUNCTION chunkq._settle_job(bigint, integer, boolean) IS
+    'Internal: moves a job along after its counter rows changed: started on its first claim; finished '
+    'exactly once when its last open counter row closes (cancelled if any chunk was cancelled, else failed if '
+    'any failed, else completed; NOTIFY chunkq_job_finished with {"job_id": ..., "status": ...}); running '
+    'again when a retried chunk reopens it.';
+
 CREATE FUNCTION chunkq._apply_chunk_moves(p_moves chunkq._chunk_move[])
 RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 -- Every change of chunk status goes through here, in the same transaction as the
--- change, once per call with all of the call's moves (so that the counter rows
--- are locked in one ordered pass). It moves the counts in job_chunk_counts,
--- starts jobs whose first chunk is claimed, finishes jobs with nothing left
--- pending or processing, and reopens finished jobs whose failed chunk is retried.
--- Returns one row per job whose open_slots changed; finished is true for the
--- call that finished the job.
+-- change, once per call with all of the call's moves. It moves the counts in
+-- job_chunk_counts and lets _settle_job move the jobs along. Returns one row per
+-- job whose open_slots changed; finished is true for the call that finished it.
 --
 -- Finishing exactly once: each counter row is changed by UPDATE, which waits for
 -- a concurrent change of the same row and applies on top of it, so exactly one
@@ -461,111 +523,55 @@ LANGUAGE plpgsql AS $$
 -- miss the end, and cannot both finish it.
 DECLARE
     v_slots constant integer := chunkq._counter_slots();
-    v_change record;
-    v_job chunkq.crawl_jobs;
+    v_row record;
+    v_open_after integer;
+    v_job_id bigint;
+    v_open_slots_delta integer := 0;
+    v_claimed boolean := false;
 BEGIN
-    IF cardinality(p_moves) > 1 THEN
-        -- Lock the counter rows in (job, slot) order first, so that two calls moving
-        -- several rows each queue instead of deadlocking.
-        PERFORM 1
-           FROM chunkq.job_chunk_counts k
-          WHERE (k.job_id, k.slot) IN (SELECT m.job_id, (m.chunk_index % v_slots)::smallint FROM unnest(p_moves) m)
-          ORDER BY k.job_id, k.slot
-            FOR NO KEY UPDATE;
-    END IF;
-
-    FOR v_change IN
-        WITH moves AS (
-            SELECT m.job_id, (m.chunk_index % v_slots)::smallint AS slot, m.from_status, m.to_status
-              FROM unnest(p_moves) m
-        ), deltas AS (
-            SELECT mv.job_id, mv.slot,
-                   count(*) FILTER (WHERE mv.to_status = 'pending') - count(*) FILTER (WHERE mv.from_status = 'pending') AS d_pending,
-                   count(*) FILTER (WHERE mv.to_status = 'processing') - count(*) FILTER (WHERE mv.from_status = 'processing') AS d_processing,
-                   count(*) FILTER (WHERE mv.to_status = 'completed') - count(*) FILTER (WHERE mv.from_status = 'completed') AS d_completed,
-                   count(*) FILTER (WHERE mv.to_status = 'failed') - count(*) FILTER (WHERE mv.from_status = 'failed') AS d_failed,
-                   count(*) FILTER (WHERE mv.to_status = 'cancelled') - count(*) FILTER (WHERE mv.from_status = 'cancelled') AS d_cancelled,
-                   bool_or(mv.to_status = 'processing') AS claims
-              FROM moves mv
-             GROUP BY mv.job_id, mv.slot
-        ), applied AS (
-            UPDATE chunkq.job_chunk_counts k
-               SET pending = k.pending + d.d_pending,
-                   processing = k.processing + d.d_processing,
-                   completed = k.completed + d.d_completed,
-                   failed = k.failed + d.d_failed,
-                   cancelled = k.cancelled + d.d_cancelled
-              FROM deltas d
-             WHERE k.job_id = d.job_id AND k.slot = d.slot
-            RETURNING k.job_id,
-                      k.pending + k.processing AS open_after,
-                      d.d_pending + d.d_processing AS open_delta,
-                      d.claims
-        )
-        SELECT a.job_id,
-               sum(CASE WHEN a.open_after = 0 AND a.open_after - a.open_delta > 0 THEN -1
-                        WHEN a.open_after > 0 AND a.open_after - a.open_delta = 0 THEN 1
-                        ELSE 0 END)::integer AS open_slots_delta,
-               bool_or(a.claims) AS claims
-          FROM applied a
-         GROUP BY a.job_id
-         ORDER BY a.job_id
+    -- One key UPDATE per counter row, in (job, slot) order: calls that move several
+    -- rows lock them in the same order, so they queue instead of deadlocking.
+    FOR v_row IN
+        SELECT m.job_id, (m.chunk_index % v_slots)::smallint AS slot,
+               count(*) FILTER (WHERE m.to_status = 'pending') - count(*) FILTER (WHERE m.from_status = 'pending') AS d_pending,
+               count(*) FILTER (WHERE m.to_status = 'processing') - count(*) FILTER (WHERE m.from_status = 'processing') AS d_processing,
+               count(*) FILTER (WHERE m.to_status = 'completed') - count(*) FILTER (WHERE m.from_status = 'completed') AS d_completed,
+               count(*) FILTER (WHERE m.to_status = 'failed') - count(*) FILTER (WHERE m.from_status = 'failed') AS d_failed,
+               count(*) FILTER (WHERE m.to_status = 'cancelled') - count(*) FILTER (WHERE m.from_status = 'cancelled') AS d_cancelled,
+               bool_or(m.to_status = 'processing') AS claimed
+          FROM unnest(p_moves) m
+         GROUP BY 1, 2
+         ORDER BY 1, 2
     LOOP
-        IF v_change.open_slots_delta <> 0 THEN
-            UPDATE chunkq.crawl_jobs j
-               SET open_slots = j.open_slots + v_change.open_slots_delta
-             WHERE j.id = v_change.job_id
-            RETURNING j.* INTO v_job;
-            IF v_job.open_slots = 0 THEN
-                -- This call closed the job's last open slot, so it alone finishes the
-                -- job. Being a new statement, this UPDATE sees every counter change
-                -- committed before the row lock above was granted.
-                UPDATE chunkq.crawl_jobs j
-                   SET status = CASE
-                           WHEN EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = j.id AND k.cancelled > 0)
-                               THEN 'cancelled'
-                           WHEN EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = j.id AND k.failed > 0)
-                               THEN 'failed'
-                           ELSE 'completed'
-                       END::chunkq.job_status,
-                       finished_at = now()
-                 WHERE j.id = v_change.job_id
-                RETURNING j.* INTO v_job;
-                PERFORM pg_notify('chunkq_job_finished',
-                                  json_build_object('job_id', v_job.id, 'status', v_job.status)::text);
-                job := v_job.id; job_status := v_job.status; finished := true;
-            ELSIF v_job.open_slots = v_change.open_slots_delta AND v_job.finished_at IS NOT NULL THEN
-                -- A retried chunk reopened a finished job.
-                IF v_job.status = 'cancelled' THEN
-                    RAISE EXCEPTION 'crawl job % is cancelled', v_job.id USING ERRCODE = 'CQ004';
-                END IF;
-                UPDATE chunkq.crawl_jobs j SET status = 'running', finished_at = NULL
-                 WHERE j.id = v_change.job_id
-                RETURNING j.* INTO v_job;
-                job := v_job.id; job_status := v_job.status; finished := false;
-            ELSE
-                job := v_job.id; job_status := v_job.status; finished := false;
+        IF v_job_id IS DISTINCT FROM v_row.job_id THEN
+            IF v_job_id IS NOT NULL THEN
+                RETURN QUERY SELECT * FROM chunkq._settle_job(v_job_id, v_open_slots_delta, v_claimed);
             END IF;
-            RETURN NEXT;
-        ELSIF v_change.claims THEN
-            -- Only a job's first claims find it pending and write to it; later claims
-            -- just read the row. SKIP LOCKED: if another first claim is starting the
-            -- job right now, leave it to that one rather than queue behind it (claims
-            -- never wait). Should that claim roll back, the next claim starts the job.
-            UPDATE chunkq.crawl_jobs j
-               SET status = 'running', started_at = now()
-             WHERE j.id = (SELECT p.id FROM chunkq.crawl_jobs p
-                            WHERE p.id = v_change.job_id AND p.status = 'pending'
-                              FOR NO KEY UPDATE SKIP LOCKED);
+            v_job_id := v_row.job_id;
+            v_open_slots_delta := 0;
+            v_claimed := false;
         END IF;
+        UPDATE chunkq.job_chunk_counts k
+           SET pending = k.pending + v_row.d_pending,
+               processing = k.processing + v_row.d_processing,
+               completed = k.completed + v_row.d_completed,
+               failed = k.failed + v_row.d_failed,
+               cancelled = k.cancelled + v_row.d_cancelled
+         WHERE k.job_id = v_row.job_id AND k.slot = v_row.slot
+        RETURNING k.pending + k.processing INTO v_open_after;
+        v_open_slots_delta := v_open_slots_delta + CASE
+            WHEN v_open_after = 0 AND v_row.d_pending + v_row.d_processing < 0 THEN -1  -- this row closed
+            WHEN v_open_after > 0 AND v_open_after = v_row.d_pending + v_row.d_processing THEN 1  -- it reopened
+            ELSE 0 END;
+        v_claimed := v_claimed OR v_row.claimed;
     END LOOP;
+    IF v_job_id IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM chunkq._settle_job(v_job_id, v_open_slots_delta, v_claimed);
+    END IF;
 END $$;
 COMMENT ON FUNCTION chunkq._apply_chunk_moves(chunkq._chunk_move[]) IS
-    'Internal: books status changes of chunks into job_chunk_counts and moves the jobs along: started on '
-    'first claim; finished exactly once when nothing is pending or processing (cancelled if any chunk was '
-    'cancelled, else failed if any failed, else completed); '
-    'running again when a failed chunk of a finished job is retried. NOTIFY chunkq_job_finished with '
-    '{"job_id": ..., "status": ...} when a job finishes.';
+    'Internal: books status changes of chunks into job_chunk_counts, one row at a time in (job, slot) order, '
+    'and settles the jobs whose counts opened or closed (_settle_job).';
 
 CREATE FUNCTION chunkq._refuse_report(p_chunk_id bigint, p_attempt integer, p_action text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
@@ -602,7 +608,7 @@ COMMENT ON FUNCTION chunkq._refuse_report(bigint, integer, text) IS
 
 CREATE FUNCTION chunkq._take_chunks(p_ids bigint[], p_worker_id text, p_lease interval, p_task_id text)
 RETURNS SETOF chunkq.job_chunks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 -- Turns locked pending chunks into processing ones leased to p_worker_id. The
 -- caller books the moves (pending -> processing) with its other moves.
 DECLARE
@@ -625,7 +631,7 @@ COMMENT ON FUNCTION chunkq._take_chunks(bigint[], text, interval, text) IS
 
 CREATE FUNCTION chunkq._outcome(p_chunk chunkq.job_chunks, p_from chunkq.chunk_status)
 RETURNS chunkq.chunk_outcome
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_move record;
 BEGIN
@@ -870,12 +876,16 @@ COMMENT ON FUNCTION chunkq.chunk_error_history(bigint) IS 'Every error recorded 
 -- ---------------------------------------------------------------------------
 
 CREATE FUNCTION chunkq._reclaim_expired(p_limit integer) RETURNS SETOF chunkq._chunk_move
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 -- Takes back abandoned chunks and records each lapse; the caller books the moves.
 DECLARE
     v_moves chunkq._chunk_move[];
     v_pending integer;
 BEGIN
+    -- Nearly always nothing has expired: find that out with one index probe.
+    IF NOT EXISTS (SELECT 1 FROM chunkq.job_chunks c WHERE c.lease_expires_at < now()) THEN
+        RETURN;
+    END IF;
     WITH expired AS (
         SELECT c.id, c.attempt, c.worker_id, c.lease_expires_at
           FROM chunkq.job_chunks c
@@ -934,7 +944,7 @@ CREATE FUNCTION chunkq.claim_chunks(
     p_job_id bigint DEFAULT NULL,
     p_lease interval DEFAULT NULL
 ) RETURNS SETOF chunkq.job_chunks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease interval := chunkq._lease(p_lease);
     v_moves chunkq._chunk_move[];
@@ -989,7 +999,7 @@ CREATE FUNCTION chunkq.claim_chunk(
     p_lease interval DEFAULT NULL,
     p_task_id text DEFAULT NULL
 ) RETURNS chunkq.job_chunks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease interval := chunkq._lease(p_lease);
     v_chunk chunkq.job_chunks;
@@ -1019,7 +1029,7 @@ CREATE FUNCTION chunkq.heartbeat_chunk(
     p_lease interval DEFAULT NULL,
     p_task_id text DEFAULT NULL
 ) RETURNS chunkq.job_chunks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease interval := chunkq._lease(p_lease);
     v_chunk chunkq.job_chunks;
@@ -1041,7 +1051,7 @@ COMMENT ON FUNCTION chunkq.heartbeat_chunk(bigint, integer, interval, text) IS
 
 CREATE FUNCTION chunkq.complete_chunk(p_chunk_id bigint, p_attempt integer DEFAULT NULL)
 RETURNS chunkq.chunk_outcome
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_chunk chunkq.job_chunks;
 BEGIN
@@ -1065,7 +1075,7 @@ CREATE FUNCTION chunkq.fail_chunk(
     p_error text,
     p_retry boolean DEFAULT false
 ) RETURNS chunkq.chunk_outcome
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_error text := chunkq._clip_error(p_error);
     v_chunk chunkq.job_chunks;

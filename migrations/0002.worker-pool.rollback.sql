@@ -10,7 +10,7 @@ CREATE FUNCTION chunkq.fail_chunk(
     p_error text,
     p_retry boolean DEFAULT false
 ) RETURNS chunkq.chunk_outcome
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_error text := chunkq._clip_error(p_error);
     v_chunk chunkq.job_chunks;

@@ -6,7 +6,7 @@
 -- depends: 0001.chunk-queue
 
 CREATE FUNCTION chunkq.release_chunk(p_chunk_id bigint, p_attempt integer) RETURNS chunkq.job_chunks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_chunk chunkq.job_chunks;
 BEGIN
@@ -39,7 +39,7 @@ COMMENT ON TYPE chunkq.lease_state IS
 
 CREATE FUNCTION chunkq.heartbeat_chunks(p_chunk_ids bigint[], p_attempts integer[], p_lease interval DEFAULT NULL)
 RETURNS SETOF chunkq.lease_state
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease interval := chunkq._lease(p_lease);
 BEGIN
@@ -76,7 +76,7 @@ CREATE FUNCTION chunkq.fail_chunk(
     p_retry boolean DEFAULT false,
     p_max_retries integer DEFAULT NULL
 ) RETURNS chunkq.chunk_outcome
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_error text := chunkq._clip_error(p_error);
     v_retries_done integer;
