@@ -14,6 +14,7 @@ import psycopg
 
 from chunkq import ChunkqError
 from chunkq.migrate import check_schema
+from chunkq.sync import CrawlJobRepository
 
 from . import logs
 from .config import ConfigError, PoolConfig, add_arguments, from_args
@@ -22,11 +23,13 @@ from .supervisor import Supervisor
 
 
 def preflight(config: PoolConfig) -> None:
-    """Everything that can be wrong before a worker starts: the handler, the database, the schema."""
+    """Everything that can be wrong before a worker starts: the handler, the database, the schema, the job."""
     load_handler(config.handler)
     try:
         with psycopg.connect(config.dsn, connect_timeout=10, autocommit=True) as conn:
             check_schema(conn)
+            if config.job_id is not None and CrawlJobRepository(conn).get_by_id(config.job_id) is None:
+                raise ConfigError(f"--job {config.job_id}: no such crawl job")
     except psycopg.OperationalError as exc:
         raise ConfigError(f"cannot connect to the database: {str(exc).strip()}") from exc
 

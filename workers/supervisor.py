@@ -65,6 +65,13 @@ class Supervisor:
                    lease_s=self.config.lease, batch=self.config.batch, listen=self.config.listen)
         for slot in self.slots:
             self.start(slot)
+        try:
+            return self.supervise()
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+
+    def supervise(self) -> int:
         draining = False
         while True:
             if self.signals >= 2:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, LeaseLost
+from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
 from chunkq.migrate import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
@@ -107,8 +107,7 @@ class Worker:
         while not self.stopping.is_set():
             self.idle[self.slot] = 1  # before claiming, so a wake-up sent meanwhile is not missed
             self.wake.clear()
-            chunks = self.session.call(lambda s: s.chunks.claim(
-                self.worker_id, limit=self.config.batch, job_id=self.config.job_id, lease=self.config.lease))
+            chunks = self.session.call(self.claim)
             if chunks:
                 self.idle[self.slot] = 0
                 self.process(chunks)
@@ -117,6 +116,14 @@ class Worker:
         keeper.finished.set()
         logs.event("worker stopped", worker=self.worker_id)
         return 0
+
+    def claim(self, session: Session) -> list[JobChunk]:
+        try:
+            return session.chunks.claim(self.worker_id, limit=self.config.batch, job_id=self.config.job_id,
+                                        lease=self.config.lease)
+        except JobNotFound:  # the --job was deleted while we ran: nothing to do, ever
+            logs.event("the job to work on no longer exists", level=logging.WARNING, job=self.config.job_id)
+            return []
 
     def wait_for_work(self) -> None:
         until = time.monotonic() + self.config.poll

@@ -89,6 +89,13 @@ def test_missing_dsn_exits_2(monkeypatch):
     assert result.returncode == 2 and "no database" in result.stderr
 
 
+def test_unknown_job_filter_exits_2(dsn, conn):
+    new_job(conn, 1500)
+    result = run_cli("--dsn", dsn, "--handler", "workers.sample:noop", "--job", "4242")
+    assert result.returncode == 2 and "--job 4242: no such crawl job" in result.stderr
+    assert progress(dsn) == {"pending": 3}
+
+
 def test_unmigrated_database_exits_2(empty_dsn):
     result = run_cli("--dsn", empty_dsn, "--handler", "workers.sample:noop")
     assert result.returncode == 2 and "chunkq schema is missing or outdated" in result.stderr
@@ -201,3 +208,14 @@ def test_database_unchanged_by_an_idle_pool(dsn, conn, start_pool):
     assert pool.stop() == 0
     with psycopg.connect(dsn) as check:
         assert check.execute("SELECT count(*) FROM chunkq.job_chunks").fetchone() == (0,)
+
+
+def test_job_deleted_under_a_job_filter_idles_the_pool(dsn, conn, start_pool):
+    job_id = new_job(conn, 500)
+    pool = start_pool(*NOOP, "--processes", "1", "--poll", "0.2", "--job", str(job_id))
+    wait_until(lambda: progress(dsn, job_id) == {"completed": 1}, 30, "the chunk to complete")
+    conn.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (job_id,))
+    wait_until(lambda: any(line["message"] == "the job to work on no longer exists" for line in pool.lines()),
+               10, "the worker to notice")
+    assert pool.stop() == 0
+    assert not any("died" in line["message"] or "crashed" in line["message"] for line in pool.lines())
