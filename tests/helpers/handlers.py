@@ -39,3 +39,8 @@ def tiny(chunk: ChunkTask) -> None:
 
 
 NOT_CALLABLE = "a string"
+
+
+def crashes(chunk: ChunkTask) -> None:
+    """A poison pill: the worker process dies on this chunk, every time."""
+    os._exit(3)

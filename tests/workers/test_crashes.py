@@ -136,3 +136,19 @@ def test_full_postgres_restart(own_server, start_pool):
     assert len(counts) == 2000 and set(counts.values()) == {1}
     with psycopg.connect(dsn) as check:
         assert_counters_consistent(check)
+
+
+@pytest.mark.slow
+def test_crash_loop_backs_off_and_the_poison_chunk_ends_failed(dsn, conn, start_pool):
+    job_id = new_job(conn, 500, max_retries=2)
+    pool = start_pool("--handler", "tests.helpers.handlers:crashes", "--processes", "1",
+                      "--lease", "0.5", "--heartbeat", "0.1", "--poll", "0.1")
+    wait_until(lambda: progress(dsn, job_id) == {"failed": 1}, 60, "the poison chunk to fail for good")
+    delays = [line["restart_in_s"] for line in pool.lines() if line["message"] == "worker process died, restarting"]
+    assert delays[:3] == [0.5, 1.0, 2.0]  # doubling, so a crash loop does not spin
+    chunk = chunk_row(dsn, job_id, 0)
+    assert (chunk["attempt"], chunk["retry_count"]) == (3, 2)
+    errors = conn.execute("SELECT attempt, lease_expired, retried FROM chunkq.chunk_error_history(%s)",
+                          (chunk["id"],)).fetchall()
+    assert errors == [(1, True, True), (2, True, True), (3, True, False)]
+    assert pool.stop() == 0
