@@ -19,8 +19,21 @@ from .errors import (
     SchemaNotMigrated,
     ValidationError,
 )
-from .migrate import SCHEMA_VERSION, check_schema, migrate, rollback
-from .records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, JobStatus, LeaseState
+from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
+from .records import (
+    ChunkError,
+    ChunkOutcome,
+    ChunkStatus,
+    CrawlJob,
+    JobChunk,
+    JobErrorSummary,
+    JobOverview,
+    JobProgress,
+    JobStatus,
+    LeaseState,
+    QueueDepth,
+    QueueStats,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -37,12 +50,16 @@ __all__ = [
     "JobChunk",
     "JobChunkRepository",
     "JobChunkingService",
+    "JobErrorSummary",
     "JobNotFound",
+    "JobOverview",
     "JobProgress",
     "JobStatus",
     "LeaseLost",
     "LeaseState",
     "NotFound",
+    "QueueDepth",
+    "QueueStats",
     "SchemaNotMigrated",
     "ValidationError",
     "check_schema",

@@ -8,7 +8,19 @@ added by a later migration does not break an older client.
 
 from __future__ import annotations
 
-from .records import ChunkError, ChunkOutcome, CrawlJob, JobChunk, JobProgress, LeaseState, columns
+from .records import (
+    ChunkError,
+    ChunkOutcome,
+    CrawlJob,
+    JobChunk,
+    JobErrorSummary,
+    JobOverview,
+    JobProgress,
+    LeaseState,
+    QueueDepth,
+    QueueStats,
+    columns,
+)
 
 JOB = columns(CrawlJob)
 CHUNK = columns(JobChunk)
@@ -20,13 +32,21 @@ CREATE_JOB = (
 GET_JOB = f"SELECT {JOB} FROM chunkq.get_job(%(job_id)s::bigint)"
 CANCEL_JOB = f"SELECT {JOB} FROM chunkq.cancel_job(%(job_id)s::bigint)"
 JOB_PROGRESS = f"SELECT {columns(JobProgress)} FROM chunkq.job_progress(%(job_id)s::bigint)"
+LIST_JOBS = f"SELECT {columns(JobOverview)} FROM chunkq.list_jobs(%(status)s::chunkq.job_status, %(limit)s::integer)"
+DELETE_JOB = f"SELECT {JOB} FROM chunkq.delete_job(%(job_id)s::bigint)"
+JOB_ERROR_SUMMARY = f"SELECT {columns(JobErrorSummary)} FROM chunkq.job_error_summary(%(job_id)s::bigint)"
+QUEUE_STATS = f"SELECT {columns(QueueStats)} FROM chunkq.queue_stats()"
+QUEUE_DEPTH = f"SELECT {columns(QueueDepth)} FROM chunkq.queue_depth ORDER BY priority DESC"
 
 CREATE_CHUNKS = (
     f"SELECT {JOB} FROM chunkq.create_chunks(%(job_id)s::bigint, %(max_images)s::bigint,"
     " %(priority)s::integer, %(chunk_size)s::integer)"
 )
 GET_CHUNK = f"SELECT {CHUNK} FROM chunkq.get_chunk(%(chunk_id)s::bigint)"
-LIST_CHUNKS = f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status)"
+LIST_CHUNKS = (
+    f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status,"
+    " %(limit)s::integer)"
+)
 FAILED_CHUNKS = f"SELECT {CHUNK} FROM chunkq.failed_chunks(%(job_id)s::bigint)"
 CHUNK_ERROR_HISTORY = f"SELECT {columns(ChunkError)} FROM chunkq.chunk_error_history(%(chunk_id)s::bigint)"
 
@@ -53,6 +73,7 @@ FAIL_CHUNK = (
 )
 RELEASE_CHUNK = f"SELECT {CHUNK} FROM chunkq.release_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
 RETRY_CHUNK = f"SELECT {CHUNK} FROM chunkq.retry_chunk(%(chunk_id)s::bigint)"
+RETRY_FAILED_CHUNKS = "SELECT chunkq.retry_failed_chunks(%(job_id)s::bigint) AS retried"
 RECLAIM_EXPIRED_CHUNKS = "SELECT chunkq.reclaim_expired_chunks(%(limit)s::integer) AS reclaimed"
 
 SCHEMA_VERSION = "SELECT chunkq.schema_version() AS version"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypedDict
 
@@ -142,6 +142,8 @@ class JobProgress:
     cancelled_chunks: int
     completion_percentage: float  # completed / total * 100
     is_complete: bool  # has chunks, none pending or processing
+    max_images: int
+    completed_images: int
 
     def __post_init__(self) -> None:
         _coerce(self, status=JobStatus)
@@ -187,6 +189,69 @@ class LeaseState:
 
     def __post_init__(self) -> None:
         _coerce(self, status=ChunkStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOverview:
+    """A row of chunkq.job_overview: a job with its chunk counts."""
+
+    id: int
+    project_id: int
+    name: str
+    status: JobStatus
+    priority: int
+    total_chunks: int
+    pending_chunks: int
+    processing_chunks: int
+    completed_chunks: int
+    failed_chunks: int
+    cancelled_chunks: int
+    completion_percentage: float
+    max_images: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _coerce(self, status=JobStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """A row of chunkq.queue_depth: pending chunks of one priority."""
+
+    priority: int
+    pending_chunks: int
+    claimable_chunks: int
+    oldest_pending_age: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """chunkq.queue_stats(): the health of the whole queue."""
+
+    jobs_pending: int
+    jobs_running: int
+    pending_chunks: int
+    processing_chunks: int
+    expired_leases: int
+    completed_chunks: int
+    failed_chunks: int
+    failure_rate: float | None
+    errors_last_hour: int
+    oldest_pending_age: timedelta | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobErrorSummary:
+    """chunkq.job_error_summary(): the errors recorded for one job's chunks."""
+
+    job_id: int
+    errors: int
+    retried: int
+    lease_expired: int
+    last_error: str | None
+    last_failed_at: datetime | None
 
 
 def columns(record: type[Any]) -> str:

@@ -28,7 +28,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from .embedded import embedded_server
-from .migrate import migrate
+from .schema import migrate
 
 logger = logging.getLogger("chunkq.testing")
 

@@ -6,12 +6,14 @@ answers, else an embedded Postgres (see chunkq.testing).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from chunkq.testing import TemplateDatabases, TestServer, postgres_server
+from tests.helpers.pool import Pool
 
 SERVER_KEY = pytest.StashKey[str]()
 
@@ -66,3 +68,18 @@ async def aconn(dsn: str) -> AsyncIterator[psycopg.AsyncConnection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+def start_pool(dsn: str, tmp_path: Path) -> Iterator[Callable[..., Pool]]:
+    """Starts ``python -m workers`` on the test database; every pool is killed at the end of the test."""
+    pools: list[Pool] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, on: str | None = None) -> Pool:
+        pool = Pool(on or dsn, tmp_path / f"pool-{len(pools)}.log", *args, env=env)
+        pools.append(pool)
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.kill()

@@ -13,7 +13,7 @@ import sys
 import psycopg
 
 from chunkq import ChunkqError
-from chunkq.migrate import check_schema
+from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository
 
 from . import logs

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
-from chunkq.migrate import check_schema
+from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
 from . import logs

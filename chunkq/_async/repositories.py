@@ -16,7 +16,20 @@ from psycopg.rows import class_row, dict_row
 
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json
-from ..records import ChunkError, ChunkOutcome, ChunkStatus, CrawlJob, JobChunk, JobProgress, LeaseState
+from ..records import (
+    ChunkError,
+    ChunkOutcome,
+    ChunkStatus,
+    CrawlJob,
+    JobChunk,
+    JobErrorSummary,
+    JobOverview,
+    JobProgress,
+    JobStatus,
+    LeaseState,
+    QueueDepth,
+    QueueStats,
+)
 from .execute import fetch
 
 
@@ -63,6 +76,20 @@ class CrawlJobRepository:
         rows = await fetch(self.conn, q.JOB_PROGRESS, {"job_id": job_id}, class_row(JobProgress))
         return rows[0]
 
+    async def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
+        """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
+        return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, class_row(JobOverview))
+
+    async def error_summary(self, job_id: int) -> JobErrorSummary:
+        """How many errors the job's chunks recorded (retried, abandoned) and the latest one."""
+        rows = await fetch(self.conn, q.JOB_ERROR_SUMMARY, {"job_id": job_id}, class_row(JobErrorSummary))
+        return rows[0]
+
+    async def delete(self, job_id: int) -> CrawlJob:
+        """Deletes a job that is not running, with its chunks; returns the deleted job."""
+        rows = await fetch(self.conn, q.DELETE_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        return rows[0]
+
 
 class JobChunkRepository:
     """Chunks of crawl jobs (chunkq.job_chunks)."""
@@ -82,9 +109,11 @@ class JobChunkRepository:
         rows = await fetch(self.conn, q.CREATE_CHUNKS, params, class_row(CrawlJob))
         return rows[0]
 
-    async def list_for_job(self, job_id: int, status: ChunkStatus | str | None = None) -> list[JobChunk]:
-        """The job's chunks in chunk_index order, optionally only those in one status."""
-        params = {"job_id": job_id, "status": status}
+    async def list_for_job(
+        self, job_id: int, status: ChunkStatus | str | None = None, limit: int | None = None
+    ) -> list[JobChunk]:
+        """The job's chunks in chunk_index order, optionally only those in one status, at most ``limit``."""
+        params = {"job_id": job_id, "status": status, "limit": limit}
         return await fetch(self.conn, q.LIST_CHUNKS, params, class_row(JobChunk))
 
     async def failed_for_job(self, job_id: int) -> list[JobChunk]:
@@ -194,6 +223,20 @@ class JobChunkRepository:
         """Puts a failed chunk back to pending with retry_count + 1."""
         rows = await fetch(self.conn, q.RETRY_CHUNK, {"chunk_id": chunk_id}, class_row(JobChunk))
         return rows[0]
+
+    async def retry_failed(self, job_id: int) -> int:
+        """Puts every failed chunk of the job back to pending; returns how many."""
+        rows = await fetch(self.conn, q.RETRY_FAILED_CHUNKS, {"job_id": job_id}, dict_row)
+        return int(rows[0]["retried"])
+
+    async def stats(self) -> QueueStats:
+        """The health of the whole queue (chunkq.queue_stats)."""
+        rows = await fetch(self.conn, q.QUEUE_STATS, {}, class_row(QueueStats))
+        return rows[0]
+
+    async def depth(self) -> list[QueueDepth]:
+        """Pending chunks by priority, highest first (chunkq.queue_depth)."""
+        return await fetch(self.conn, q.QUEUE_DEPTH, {}, class_row(QueueDepth))
 
     async def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import chunkq
-from chunkq.migrate import migrations_path, yoyo_url
+from chunkq.schema import migrations_path, yoyo_url
 from tests.migrations.schema import describe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_yoyo_url_accepts_every_dsn_form():
         yoyo_url("host=localhost dbname")
 
 
-ALL = ["0001.chunk-queue", "0002.worker-pool"]
+ALL = ["0001.chunk-queue", "0002.worker-pool", "0003.operations"]
 
 
 def test_migrate_is_idempotent_and_rollback_removes_everything(empty_dsn):
@@ -64,21 +64,23 @@ def test_a_database_one_migration_behind_is_refused_then_upgraded(empty_dsn):
     assert first.returncode == 0, first.stderr
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
-        with pytest.raises(chunkq.SchemaNotMigrated, match="version 1, this client needs 2"):
+        with pytest.raises(chunkq.SchemaNotMigrated, match="version 1, this client needs 3"):
             chunkq.check_schema(conn)
-        assert chunkq.migrate(empty_dsn) == ["0002.worker-pool"]
-        assert chunkq.check_schema(conn) == 2
+        assert chunkq.migrate(empty_dsn) == ["0002.worker-pool", "0003.operations"]
+        assert chunkq.check_schema(conn) == 3
 
 
-def test_rolling_back_0002_restores_the_0001_api(empty_dsn):
+def test_rolling_back_to_0001_restores_its_api(empty_dsn):
     chunkq.migrate(empty_dsn)
-    rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)
+    rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)  # 0003, then 0002
     assert rolled.returncode == 0, rolled.stderr
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         signatures = {row[0] for row in conn.execute(
             "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'chunkq'::regnamespace"
-            " AND p.proname IN ('fail_chunk', 'release_chunk', 'heartbeat_chunks', 'schema_version')")}
-        assert signatures == {"chunkq.fail_chunk(bigint,integer,text,boolean)", "chunkq.schema_version()"}
+            " AND p.proname IN ('fail_chunk', 'release_chunk', 'heartbeat_chunks', 'schema_version', 'list_chunks',"
+            " 'list_jobs', 'job_progress')")}
+        assert signatures == {"chunkq.fail_chunk(bigint,integer,text,boolean)", "chunkq.schema_version()",
+                              "chunkq.list_chunks(bigint,chunkq.chunk_status)", "chunkq.job_progress(bigint)"}
         assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
 
 

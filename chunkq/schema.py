@@ -27,7 +27,7 @@ from .errors import SchemaNotMigrated, ValidationError
 logger = logging.getLogger("chunkq")
 
 #: The chunkq.schema_version() this client needs (the number of the last migration).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def migrations_path() -> Path:
@@ -74,12 +74,21 @@ def migrate(dsn: str) -> list[str]:
     return applied
 
 
-def rollback(dsn: str) -> list[str]:
-    """Rolls back every applied chunkq migration (drops the schema and its data); returns their ids."""
+def rollback(dsn: str, steps: int | None = None) -> list[str]:
+    """Rolls back the last ``steps`` applied migrations, or all of them (dropping the schema and its
+    data); returns their ids, newest first."""
     with _locked_backend(dsn) as (backend, migrations):
         applied = backend.to_rollback(migrations)
+        if steps is not None:
+            applied = applied[:steps]
         backend.rollback_migrations(applied)
     return [m.id for m in applied]
+
+
+def status(dsn: str) -> list[tuple[str, bool]]:
+    """Every migration this client knows, oldest first, with whether the database has it."""
+    with _locked_backend(dsn) as (backend, migrations):
+        return [(m.id, bool(backend.is_applied(m))) for m in migrations]
 
 
 def check_schema(conn: Connection[Any]) -> int:

@@ -1,0 +1,153 @@
+"""Every chunkq command against a real database, tables for people and --json parsed back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cli.conftest import cli_env
+from tests.helpers.db import claim, new_job
+from tests.helpers.pool import ROOT, progress, wait_until
+
+COMMANDS = [[], ["migrate"], ["job"], ["job", "create"], ["job", "list"], ["job", "show"], ["job", "progress"],
+            ["job", "cancel"], ["job", "retry-failed"], ["job", "delete"], ["chunk"], ["chunk", "list"],
+            ["chunk", "retry"], ["stats"], ["worker"], ["demo"], ["embedded"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "chunkq")
+def test_help_on_every_command(chunkq, command):
+    result = chunkq(*command, "--help")
+    assert result.code == 0 and result.out.startswith("usage: chunkq"), result
+
+
+def test_migrate_apply_status_rollback(chunkq, empty_dsn):
+    env = cli_env(CHUNKQ_DSN=empty_dsn)
+    assert chunkq("migrate", "--json", env=env).json() == {
+        "applied": ["0001.chunk-queue", "0002.worker-pool", "0003.operations"]}
+    assert chunkq("migrate", "apply", env=env).out.strip() == "the schema is up to date"
+    assert chunkq("migrate", "rollback", "--json", env=env).json() == {"rolled_back": ["0003.operations"]}
+    status = chunkq("migrate", "status", "--json", env=env).json()
+    assert [(s["migration"], s["applied"]) for s in status] == [
+        ("0001.chunk-queue", True), ("0002.worker-pool", True), ("0003.operations", False)]
+    assert "0003.operations" in chunkq("migrate", "status", env=env).out  # the table
+    assert chunkq("job", "list", env=env).code == 5  # the schema is behind this client
+    assert chunkq("migrate", env=env).code == 0
+    assert chunkq("migrate", "rollback", "--all", "--json", env=env).json()["rolled_back"][-1] == "0001.chunk-queue"
+
+
+def test_job_lifecycle(chunkq, conn):
+    created = chunkq("job", "create", "--name", "cats", "--max-images", "1200", "-k", "cat", "-k", "kitten",
+                     "--priority", "7", "--chunk-size", "400", "--max-retries", "1", "--project", "9", "--json")
+    assert created.code == 0, created
+    job = created.json()
+    assert (job["total_chunks"], job["priority"], job["keywords"], job["project_id"]) == (3, 7, ["cat", "kitten"], 9)
+    job_id = job["id"]
+
+    listed = chunkq("job", "list", "--json").json()
+    assert [(j["id"], j["pending_chunks"], j["status"]) for j in listed] == [(job_id, 3, "pending")]
+    assert "cats" in chunkq("job", "list").out
+    assert chunkq("job", "list", "--status", "completed", "--json").json() == []
+
+    shown = chunkq("job", "show", job_id, "--json").json()
+    assert shown["job"]["name"] == "cats" and shown["progress"]["total_chunks"] == 3
+    assert shown["errors"]["errors"] == 0
+    assert "completed images" in chunkq("job", "show", job_id).out
+
+    (chunk_id, attempt), = claim(conn, job_id=job_id)
+    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    prog = chunkq("job", "progress", job_id, "--json").json()
+    assert (prog["completed_chunks"], prog["completed_images"], prog["status"]) == (1, 400, "running")
+
+    chunks = chunkq("chunk", "list", "--job", job_id, "--json").json()
+    assert [(c["chunk_index"], c["image_start"], c["image_end"], c["status"]) for c in chunks] == [
+        (0, 0, 399, "completed"), (1, 400, 799, "pending"), (2, 800, 1199, "pending")]
+    assert len(chunkq("chunk", "list", "--job", job_id, "--status", "pending", "--limit", "1", "--json").json()) == 1
+    assert "first image" in chunkq("chunk", "list", "--job", job_id).out
+
+    refused = chunkq("job", "delete", job_id)
+    assert refused.code == 1 and "cancel it first" in refused.err
+    assert chunkq("job", "cancel", job_id, "--json").json()["status"] == "cancelled"
+    assert chunkq("job", "delete", job_id, "--json").json()["id"] == job_id
+    assert chunkq("job", "list", "--json").json() == []
+
+
+def test_retry_failed_and_chunk_retry(chunkq, conn):
+    job_id = new_job(conn, 1500)
+    for chunk_id, attempt in claim(conn, limit=3):
+        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'HTTP 503')", (chunk_id, attempt))
+    one = conn.execute("SELECT min(id) FROM chunkq.job_chunks").fetchone()[0]
+    retried = chunkq("chunk", "retry", one, "--json").json()
+    assert (retried["status"], retried["retry_count"]) == ("pending", 1)
+    assert chunkq("job", "retry-failed", job_id, "--json").json() == {"job_id": job_id, "retried": 2}
+    assert chunkq("job", "retry-failed", job_id, "--json").json() == {"job_id": job_id, "retried": 0}
+    assert conn.execute("SELECT count(*) FROM chunkq.job_chunks WHERE status = 'pending'").fetchone() == (3,)
+    assert chunkq("job", "show", job_id, "--json").json()["errors"]["errors"] == 3
+
+
+def test_stats(chunkq, conn):
+    new_job(conn, 1000, priority=8)
+    new_job(conn, 500, priority=2)
+    for chunk_id, attempt in claim(conn, limit=2):
+        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
+    stats = chunkq("stats", "--json").json()
+    assert stats["stats"]["pending_chunks"] == 1 and stats["stats"]["failed_chunks"] == 2
+    assert stats["stats"]["failure_rate"] == 1.0 and stats["stats"]["errors_last_hour"] == 2
+    assert [(d["priority"], d["pending_chunks"]) for d in stats["depth_by_priority"]] == [(2, 1)]
+    assert "pending by priority" in chunkq("stats").out
+
+
+def test_worker_command_runs_the_pool(chunkq, conn, dsn):
+    job_id = new_job(conn, 500 * 20)
+    pool = subprocess.Popen([sys.executable, "-m", "chunkq", "worker", "--handler", "workers.sample:noop",
+                             "--processes", "2"], cwd=ROOT, env=cli_env(CHUNKQ_DSN=dsn),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: progress(dsn, job_id) == {"completed": 20}, 60, "the job to complete")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+
+
+def test_database_url_is_the_fallback(chunkq, dsn):
+    result = chunkq("job", "list", "--json", env=cli_env(DATABASE_URL=dsn))
+    assert result.code == 0 and result.json() == [] and "embedded" not in result.err
+
+
+def test_dsn_flag_before_the_command(chunkq, dsn):
+    result = chunkq("--dsn", dsn, "stats", "--json", env=cli_env())
+    assert result.code == 0 and result.json()["stats"]["pending_chunks"] == 0
+
+
+def test_demo_small_job(chunkq, conn):
+    result = chunkq("demo", "--images", "4000", "--processes", "2", "--failure-rate", "0",
+                    "--seconds-per-image", "0", timeout=120)
+    assert result.code == 0, result
+    assert "demo finished" in result.out and "8/8" in result.out
+    assert conn.execute("SELECT status::text FROM chunkq.crawl_jobs").fetchall() == [("completed",)]
+
+
+@pytest.mark.slow
+def test_embedded_default_is_started_reused_and_stopped(tmp_path):
+    env = cli_env(CHUNKQ_EMBEDDED_DIR=str(tmp_path / "pg"))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "chunkq", *args], cwd=ROOT, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    try:
+        first = run("migrate")
+        assert first.returncode == 0, first.stderr
+        assert f"using the embedded PostgreSQL in {tmp_path / 'pg'}" in first.stderr
+        assert run("job", "create", "--name", "x", "--max-images", "10").returncode == 0
+        again = run("job", "list", "--json")  # same server, same data
+        assert again.returncode == 0 and len(json.loads(again.stdout)) == 1
+        assert "running" in run("embedded", "status").stdout
+    finally:
+        stopped = run("embedded", "stop")
+    assert "stopped" in stopped.stdout
+    time.sleep(0.5)
+    assert "stopped" in run("embedded", "status").stdout
