@@ -1,12 +1,12 @@
-"""The ``chunkq`` command: operate the queue from a shell.
+"""chunkq: operate the chunk queue from a shell.
 
 Every command is one or two calls of the SQL API, through the sync client. The
-database is ``--dsn``, else $CHUNKQ_DSN, else $DATABASE_URL, else an embedded
+database is --dsn, else $CHUNKQ_DSN, else $DATABASE_URL, else an embedded
 PostgreSQL that chunkq starts (or reuses) in a per-user directory.
 
 Exit codes: 0 done; 1 refused by chunkq (wrong state) or a watched job ended with
 failed or cancelled chunks; 2 bad usage or input; 3 no such job or chunk;
-4 database unreachable; 5 schema missing or outdated (run ``chunkq migrate``);
+4 database unreachable; 5 schema missing or outdated (run `chunkq migrate`);
 130 interrupted.
 """
 
