@@ -99,6 +99,15 @@ def positive(value: str) -> int:
 # Commands
 # ---------------------------------------------------------------------------
 
+def done(args: argparse.Namespace, value: Any, sentence: str) -> int:
+    """What a command that changed something prints: the value as JSON, or one sentence."""
+    if args.json:
+        emit_json(value)
+    else:
+        console.print(sentence, highlight=False)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args)
     try:
@@ -119,11 +128,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except psycopg.OperationalError as exc:
         raise Failure(f"cannot connect to the database: {str(exc).strip().splitlines()[0]}",
                       EXIT_UNREACHABLE) from exc
-    if args.json:
-        emit_json(result)
-    else:
-        console.print(message)
-    return 0
+    return done(args, result, message)
 
 
 def keywords_of(args: argparse.Namespace) -> Any:
@@ -142,12 +147,8 @@ def cmd_job_create(args: argparse.Namespace) -> int:
             project_id=args.project, name=args.name, keywords=keywords, max_images=args.max_images,
             priority=args.priority, max_retries=args.max_retries, chunk_size=args.chunk_size)
         job = JobChunkRepository(conn).create_for_job(job.id)
-    if args.json:
-        emit_json(job)
-    else:
-        console.print(f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
-                      f"of {job.chunk_size}, priority {job.priority}")
-    return 0
+    return done(args, job, f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
+                           f"of {job.chunk_size}, priority {job.priority}")
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
@@ -200,31 +201,20 @@ def cmd_job_progress(args: argparse.Namespace) -> int:
 def cmd_job_cancel(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         job = CrawlJobRepository(conn).cancel(args.job_id)
-    if args.json:
-        emit_json(job)
-    else:
-        console.print(f"job {job.id} {job.status}")
-    return 0
+    return done(args, job, f"job {job.id} {job.status}")
 
 
 def cmd_job_retry_failed(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         retried = JobChunkRepository(conn).retry_failed(args.job_id)
-    if args.json:
-        emit_json({"job_id": args.job_id, "retried": retried})
-    else:
-        console.print(f"job {args.job_id}: {retried} failed chunks back to pending")
-    return 0
+    return done(args, {"job_id": args.job_id, "retried": retried},
+                f"job {args.job_id}: {retried} failed chunks back to pending")
 
 
 def cmd_job_delete(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         job = CrawlJobRepository(conn).delete(args.job_id)
-    if args.json:
-        emit_json(job)
-    else:
-        console.print(f"job {job.id} deleted with its {job.total_chunks:,} chunks")
-    return 0
+    return done(args, job, f"job {job.id} deleted with its {job.total_chunks:,} chunks")
 
 
 def cmd_chunk_list(args: argparse.Namespace) -> int:
@@ -240,11 +230,7 @@ def cmd_chunk_list(args: argparse.Namespace) -> int:
 def cmd_chunk_retry(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         chunk = JobChunkRepository(conn).retry(args.chunk_id)
-    if args.json:
-        emit_json(chunk)
-    else:
-        console.print(f"chunk {chunk.id} of job {chunk.job_id} back to pending (retry {chunk.retry_count})")
-    return 0
+    return done(args, chunk, f"chunk {chunk.id} of job {chunk.job_id} back to pending (retry {chunk.retry_count})")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
