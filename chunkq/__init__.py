@@ -16,6 +16,7 @@ from .errors import (
     JobNotFound,
     LeaseLost,
     NotFound,
+    PermissionDenied,
     SchemaNotMigrated,
     ValidationError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "LeaseLost",
     "LeaseState",
     "NotFound",
+    "PermissionDenied",
     "QueueDepth",
     "QueueStats",
     "SchemaNotMigrated",

@@ -64,6 +64,10 @@ class ChunkCancelled(LeaseLost):
     """The chunk was cancelled with its job while the caller held it."""
 
 
+class PermissionDenied(ChunkqError):
+    """The database role may not do this (see the chunkq_worker / chunkq_reader / chunkq_app roles)."""
+
+
 class SchemaNotMigrated(ChunkqError):
     """The database has no chunkq schema, or an older one: run ``chunkq.migrate(dsn)``."""
 
@@ -100,6 +104,8 @@ def translate(exc: psycopg.Error) -> Exception:
     cls = ERRORS_BY_SQLSTATE.get(exc.sqlstate or "")
     if cls is not None:
         return cls(message, **fields)
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return PermissionDenied(message, **fields)
     if isinstance(exc, (psycopg.DataError, pg_errors.CheckViolation)):
         # Class 22 (data exception) and 23514: the input, not the database, is wrong.
         return ValidationError(message, **fields)

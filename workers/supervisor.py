@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ class Supervisor:
                 time.sleep(timeout)
                 return
             try:
-                self.listener = psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=10)
+                self.listener = psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=10,
+                                                application_name=f"chunkq supervisor {self.config.name}:{os.getpid()}")
                 self.listener.execute("LISTEN chunkq_claimable")
             except psycopg.Error as exc:
                 logs.event("cannot LISTEN, workers poll meanwhile", level=logging.WARNING, error=str(exc))

@@ -53,8 +53,10 @@ class Session:
                 # prepare_threshold=None: no server-side prepared statements, which
                 # PgBouncer in transaction mode cannot follow (the --no-listen setup).
                 prepare = 5 if self.config.listen else None
+                # The name shows the worker in pg_stat_activity and chunkq.live_workers.
                 self.conn = psycopg.connect(self.config.dsn, autocommit=True, prepare_threshold=prepare,
-                                            connect_timeout=10)
+                                            connect_timeout=10,
+                                            application_name=f"chunkq worker {self.config.name}:{os.getpid()}")
                 self.chunks = JobChunkRepository(self.conn)
                 self.jobs = CrawlJobRepository(self.conn)
                 return

@@ -22,7 +22,15 @@ from typing import Any
 import psycopg
 
 from .. import embedded, schema
-from ..errors import ChunkqError, InvalidTransition, LeaseLost, NotFound, SchemaNotMigrated, ValidationError
+from ..errors import (
+    ChunkqError,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    PermissionDenied,
+    SchemaNotMigrated,
+    ValidationError,
+)
 from ..records import ChunkStatus, JobStatus
 from ..sync import CrawlJobRepository, JobChunkRepository
 from .output import console, emit_json, errors, record, table
@@ -371,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = EXIT_USAGE, str(exc)
     except SchemaNotMigrated as exc:
         code, message = EXIT_SCHEMA, str(exc).replace("chunkq.migrate(dsn) or `yoyo apply`", "`chunkq migrate`")
+    except PermissionDenied as exc:
+        code, message = EXIT_REFUSED, f"permission denied: {exc}"
     except (InvalidTransition, LeaseLost, ChunkqError) as exc:
         code, message = EXIT_REFUSED, str(exc)
     except psycopg.OperationalError as exc:

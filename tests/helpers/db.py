@@ -6,7 +6,12 @@ from typing import Any
 
 import psycopg
 
+from chunkq.schema import migrations_path
+
 TABLES = ("crawl_jobs", "job_chunks", "job_chunk_counts", "chunk_errors", "settings")
+
+#: Every migration id, oldest first, as yoyo names them.
+MIGRATIONS = sorted(p.stem for p in migrations_path().glob("*.sql") if not p.name.endswith(".rollback.sql"))
 
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:

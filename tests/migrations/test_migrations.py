@@ -12,6 +12,7 @@ import pytest
 
 import chunkq
 from chunkq.schema import migrations_path, yoyo_url
+from tests.helpers.db import MIGRATIONS
 from tests.migrations.schema import describe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,13 +50,12 @@ def test_yoyo_url_accepts_every_dsn_form():
         yoyo_url("host=localhost dbname")
 
 
-ALL = ["0001.chunk-queue", "0002.worker-pool", "0003.operations"]
 
 
 def test_migrate_is_idempotent_and_rollback_removes_everything(empty_dsn):
-    assert chunkq.migrate(empty_dsn) == ALL
+    assert chunkq.migrate(empty_dsn) == MIGRATIONS
     assert chunkq.migrate(empty_dsn) == []
-    assert chunkq.rollback(empty_dsn) == ALL[::-1]
+    assert chunkq.rollback(empty_dsn) == MIGRATIONS[::-1]
     assert not chunkq_schema_exists(empty_dsn)
 
 
@@ -64,15 +64,15 @@ def test_a_database_one_migration_behind_is_refused_then_upgraded(empty_dsn):
     assert first.returncode == 0, first.stderr
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
-        with pytest.raises(chunkq.SchemaNotMigrated, match="version 1, this client needs 3"):
+        with pytest.raises(chunkq.SchemaNotMigrated, match=f"version 1, this client needs {chunkq.SCHEMA_VERSION}"):
             chunkq.check_schema(conn)
-        assert chunkq.migrate(empty_dsn) == ["0002.worker-pool", "0003.operations"]
-        assert chunkq.check_schema(conn) == 3
+        assert chunkq.migrate(empty_dsn) == MIGRATIONS[1:]
+        assert chunkq.check_schema(conn) == chunkq.SCHEMA_VERSION
 
 
 def test_rolling_back_to_0001_restores_its_api(empty_dsn):
     chunkq.migrate(empty_dsn)
-    rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)  # 0003, then 0002
+    rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)  # the newest back to 0002
     assert rolled.returncode == 0, rolled.stderr
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         signatures = {row[0] for row in conn.execute(

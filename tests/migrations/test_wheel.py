@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.db import MIGRATIONS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,4 +30,4 @@ def test_wheel_carries_the_migrations(tmp_path, empty_dsn):
     script = "import chunkq, sys; print(chunkq.__file__); print(chunkq.migrate(sys.argv[1]))"
     out = run(python, "-c", script, empty_dsn, cwd=tmp_path).splitlines()
     assert out[0].startswith(str(tmp_path / "venv")), "imported chunkq from the checkout, not the wheel"
-    assert out[1] == "['0001.chunk-queue', '0002.worker-pool', '0003.operations']"
+    assert out[1] == str(MIGRATIONS)
