@@ -22,6 +22,10 @@ from .errors import (
 )
 from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 from .records import (
+    ExpiredLease,
+    FailureKind,
+    LiveWorker,
+    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
@@ -46,6 +50,8 @@ __all__ = [
     "ChunkqError",
     "CrawlJob",
     "CrawlJobRepository",
+    "ExpiredLease",
+    "FailureKind",
     "InvalidTransition",
     "JobAlreadyChunked",
     "JobChunk",
@@ -58,8 +64,10 @@ __all__ = [
     "JobStatus",
     "LeaseLost",
     "LeaseState",
+    "LiveWorker",
     "NotFound",
     "PermissionDenied",
+    "PruneResult",
     "QueueDepth",
     "QueueStats",
     "SchemaNotMigrated",

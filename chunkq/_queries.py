@@ -9,6 +9,10 @@ added by a later migration does not break an older client.
 from __future__ import annotations
 
 from .records import (
+    ExpiredLease,
+    FailureKind,
+    LiveWorker,
+    PruneResult,
     ChunkError,
     ChunkOutcome,
     CrawlJob,
@@ -37,6 +41,15 @@ DELETE_JOB = f"SELECT {JOB} FROM chunkq.delete_job(%(job_id)s::bigint)"
 JOB_ERROR_SUMMARY = f"SELECT {columns(JobErrorSummary)} FROM chunkq.job_error_summary(%(job_id)s::bigint)"
 QUEUE_STATS = f"SELECT {columns(QueueStats)} FROM chunkq.queue_stats()"
 QUEUE_DEPTH = f"SELECT {columns(QueueDepth)} FROM chunkq.queue_depth ORDER BY priority DESC"
+PAUSE_JOB = f"SELECT {JOB} FROM chunkq.pause_job(%(job_id)s::bigint)"
+RESUME_JOB = f"SELECT {JOB} FROM chunkq.resume_job(%(job_id)s::bigint)"
+SET_JOB_PRIORITY = f"SELECT {JOB} FROM chunkq.set_job_priority(%(job_id)s::bigint, %(priority)s::integer)"
+PRUNE_FINISHED_JOBS = (
+    f"SELECT {columns(PruneResult)} FROM chunkq.prune_finished_jobs(%(older_than)s::interval, %(max_chunks)s::integer)"
+)
+EXPIRED_LEASES = f"SELECT {columns(ExpiredLease)} FROM chunkq.expired_leases ORDER BY lease_expires_at"
+LIVE_WORKERS = f"SELECT {columns(LiveWorker)} FROM chunkq.live_workers ORDER BY worker_id"
+FAILURE_SUMMARY = f"SELECT {columns(FailureKind)} FROM chunkq.failure_summary ORDER BY occurrences DESC, error_kind"
 
 CREATE_CHUNKS = (
     f"SELECT {JOB} FROM chunkq.create_chunks(%(job_id)s::bigint, %(max_images)s::bigint,"

@@ -55,6 +55,7 @@ class CrawlJob:
     chunked_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    paused_at: datetime | None
 
     def __post_init__(self) -> None:
         _coerce(self, status=JobStatus)
@@ -211,6 +212,10 @@ class JobOverview:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    paused_at: datetime | None
+    completed_images: int
+    chunks_per_second: float | None  # completions over the last one to two minutes
+    eta: timedelta | None
 
     def __post_init__(self) -> None:
         _coerce(self, status=JobStatus)
@@ -240,6 +245,11 @@ class QueueStats:
     failure_rate: float | None
     errors_last_hour: int
     oldest_pending_age: timedelta | None
+    dead_chunk_rows: int | None
+    last_autovacuum: datetime | None
+    autovacuum_on: bool
+    oldest_transaction_age: timedelta | None  # the xmin horizon: dead rows newer than this stay
+    oldest_transaction_pid: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +262,58 @@ class JobErrorSummary:
     lease_expired: int
     last_error: str | None
     last_failed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What one chunkq.prune_finished_jobs call deleted; ``done`` when nothing old enough is left."""
+
+    jobs_deleted: int
+    chunks_deleted: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredLease:
+    """A row of chunkq.expired_leases."""
+
+    chunk_id: int
+    job_id: int
+    chunk_index: int
+    worker_id: str | None
+    attempt: int
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime
+    expired_for: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWorker:
+    """A row of chunkq.live_workers."""
+
+    worker_id: str
+    backend_pid: int | None
+    connected_since: datetime | None
+    chunks_held: int
+    oldest_claim: datetime | None
+    heartbeat_age: timedelta | None
+    next_lease_expiry: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureKind:
+    """A row of chunkq.failure_summary."""
+
+    error_kind: str
+    occurrences: int
+    chunks: int
+    jobs: int
+    ended_failed: int
+    first_seen: datetime
+    last_seen: datetime
+    example_chunk_id: int
+    example_error: str
 
 
 def columns(record: type[Any]) -> str:

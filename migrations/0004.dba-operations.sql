@@ -412,10 +412,12 @@ LANGUAGE sql STABLE AS $$
              WHERE s.relid = 'chunkq.job_chunks'::regclass),
            current_setting('autovacuum')::boolean,
            (SELECT now() - a.xact_start FROM pg_stat_activity a
-             WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+             WHERE a.datname = current_database() AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+               AND a.pid <> pg_backend_pid()
              ORDER BY a.xact_start LIMIT 1),
            (SELECT a.pid FROM pg_stat_activity a
-             WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+             WHERE a.datname = current_database() AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+               AND a.pid <> pg_backend_pid()
              ORDER BY a.xact_start LIMIT 1)
       FROM chunkq.job_chunk_counts k;
 $$;

@@ -141,7 +141,6 @@ DROP FUNCTION chunkq._check_override(integer);
 REVOKE ALL ON ALL TABLES IN SCHEMA chunkq FROM chunkq_reader, chunkq_worker, chunkq_app;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA chunkq FROM chunkq_reader, chunkq_worker, chunkq_app;
 REVOKE ALL ON SCHEMA chunkq FROM chunkq_reader, chunkq_worker, chunkq_app;
-ALTER DEFAULT PRIVILEGES IN SCHEMA chunkq GRANT EXECUTE ON FUNCTIONS TO PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA chunkq TO PUBLIC;
 
 DO $$

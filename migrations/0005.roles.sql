@@ -25,11 +25,6 @@ COMMENT ON ROLE chunkq_reader IS 'chunkq: may read the queue''s views and read-o
 COMMENT ON ROLE chunkq_worker IS 'chunkq: may claim chunks and report on the chunks it holds, nothing else.';
 COMMENT ON ROLE chunkq_app IS 'chunkq: chunkq_reader and chunkq_worker, plus creating and managing jobs.';
 
-REVOKE ALL ON SCHEMA chunkq FROM PUBLIC;
-REVOKE ALL ON ALL TABLES IN SCHEMA chunkq FROM PUBLIC;
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA chunkq FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA chunkq FROM PUBLIC;
-ALTER DEFAULT PRIVILEGES IN SCHEMA chunkq REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
 -- Who may skip the fencing check (a NULL attempt: an operator completing or failing
 -- a chunk by hand): the app role, a superuser, the schema's owner. Not a worker.
@@ -202,6 +197,14 @@ BEGIN
     END LOOP;
 END $$;
 
+-- PUBLIC gets nothing. (Functions are executable by PUBLIC when created, and a
+-- schema's default privileges cannot take that back: every migration that adds a
+-- function revokes it again; tests/sql/test_roles.py checks.)
+REVOKE ALL ON SCHEMA chunkq FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA chunkq FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA chunkq FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA chunkq FROM PUBLIC;
+
 GRANT USAGE ON SCHEMA chunkq TO chunkq_reader, chunkq_worker;
 
 GRANT SELECT ON chunkq.job_overview, chunkq.queue_depth, chunkq.expired_leases, chunkq.live_workers,
@@ -229,5 +232,6 @@ GRANT EXECUTE ON FUNCTION
     chunkq.prune_finished_jobs(interval, integer)
     TO chunkq_app;
 
+-- (CREATE OR REPLACE keeps the grants made above.)
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 5';

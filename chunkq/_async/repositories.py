@@ -17,6 +17,10 @@ from psycopg.rows import class_row, dict_row
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json
 from ..records import (
+    ExpiredLease,
+    FailureKind,
+    LiveWorker,
+    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
@@ -79,6 +83,24 @@ class CrawlJobRepository:
     async def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
         """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
         return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, class_row(JobOverview))
+
+    async def pause(self, job_id: int) -> CrawlJob:
+        """Stops handing out the job's chunks (running ones carry on); a no-op for a paused job."""
+        return (await fetch(self.conn, q.PAUSE_JOB, {"job_id": job_id}, class_row(CrawlJob)))[0]
+
+    async def resume(self, job_id: int) -> CrawlJob:
+        """Lets a paused job's chunks be claimed again; a no-op for a job that is not paused."""
+        return (await fetch(self.conn, q.RESUME_JOB, {"job_id": job_id}, class_row(CrawlJob)))[0]
+
+    async def set_priority(self, job_id: int, priority: int) -> CrawlJob:
+        """Gives the job and its unfinished chunks a new priority."""
+        params = {"job_id": job_id, "priority": priority}
+        return (await fetch(self.conn, q.SET_JOB_PRIORITY, params, class_row(CrawlJob)))[0]
+
+    async def prune(self, older_than: timedelta | str, max_chunks: int = 10_000) -> PruneResult:
+        """Deletes jobs finished more than ``older_than`` ago, at most ``max_chunks`` chunks per call."""
+        params = {"older_than": older_than, "max_chunks": max_chunks}
+        return (await fetch(self.conn, q.PRUNE_FINISHED_JOBS, params, class_row(PruneResult)))[0]
 
     async def error_summary(self, job_id: int) -> JobErrorSummary:
         """How many errors the job's chunks recorded (retried, abandoned) and the latest one."""
@@ -237,6 +259,18 @@ class JobChunkRepository:
     async def depth(self) -> list[QueueDepth]:
         """Pending chunks by priority, highest first (chunkq.queue_depth)."""
         return await fetch(self.conn, q.QUEUE_DEPTH, {}, class_row(QueueDepth))
+
+    async def expired_leases(self) -> list[ExpiredLease]:
+        """Processing chunks whose worker stopped heartbeating (chunkq.expired_leases)."""
+        return await fetch(self.conn, q.EXPIRED_LEASES, {}, class_row(ExpiredLease))
+
+    async def live_workers(self) -> list[LiveWorker]:
+        """Connected workers and the chunks they hold (chunkq.live_workers)."""
+        return await fetch(self.conn, q.LIVE_WORKERS, {}, class_row(LiveWorker))
+
+    async def failure_summary(self) -> list[FailureKind]:
+        """Errors grouped by kind, most frequent first (chunkq.failure_summary)."""
+        return await fetch(self.conn, q.FAILURE_SUMMARY, {}, class_row(FailureKind))
 
     async def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""

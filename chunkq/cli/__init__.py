@@ -225,6 +225,60 @@ def cmd_job_delete(args: argparse.Namespace) -> int:
     return done(args, job, f"job {job.id} deleted with its {job.total_chunks:,} chunks")
 
 
+def cmd_job_pause(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        job = CrawlJobRepository(conn).pause(args.job_id)
+    return done(args, job, f"job {job.id} paused: its pending chunks wait until `chunkq job resume {job.id}`")
+
+
+def cmd_job_resume(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        job = CrawlJobRepository(conn).resume(args.job_id)
+    return done(args, job, f"job {job.id} {job.status}, not paused")
+
+
+def cmd_job_priority(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        job = CrawlJobRepository(conn).set_priority(args.job_id, args.priority)
+    return done(args, job, f"job {job.id} now has priority {job.priority}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Calls prune_finished_jobs until it is done: each call is a short transaction."""
+    jobs = chunks = 0
+    with connect(args) as conn:
+        repo = CrawlJobRepository(conn)
+        while True:
+            result = repo.prune(args.older_than, args.batch)
+            jobs, chunks = jobs + result.jobs_deleted, chunks + result.chunks_deleted
+            if result.done:
+                break
+    return done(args, {"jobs_deleted": jobs, "chunks_deleted": chunks},
+                f"pruned {jobs:,} jobs finished more than {args.older_than} ago ({chunks:,} chunks)")
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        workers = JobChunkRepository(conn).live_workers()
+    if args.json:
+        emit_json(workers)
+    else:
+        table(workers, ["worker_id", "backend_pid", "connected_since", "chunks_held", "heartbeat_age",
+                        "next_lease_expiry"])
+    return 0
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        kinds = JobChunkRepository(conn).failure_summary()
+    if args.json:
+        emit_json(kinds)
+    else:
+        table(kinds, ["error_kind", "occurrences", "chunks", "jobs", "ended_failed", "last_seen",
+                      "example_chunk_id"])
+    return 0
+
+
 def cmd_chunk_list(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         chunks = JobChunkRepository(conn).list_for_job(args.job, args.status, args.limit)
@@ -328,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                              ("retry-failed", cmd_job_retry_failed, "put a job's failed chunks back to pending"),
                              ("delete", cmd_job_delete, "delete a job that is not running, with its chunks")):
         command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
+    for name, func, help in (("pause", cmd_job_pause, "stop handing out a job's chunks (running ones carry on)"),
+                             ("resume", cmd_job_resume, "let a paused job's chunks be claimed again")):
+        command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
+    priority = command(jobs, "priority", cmd_job_priority, "give a job and its unfinished chunks a new priority")
+    priority.add_argument("job_id", type=int, metavar="ID")
+    priority.add_argument("priority", type=int)
     progress = command(jobs, "progress", cmd_job_progress, "a job's progress; --watch follows it to the end")
     progress.add_argument("job_id", type=int, metavar="ID")
     progress.add_argument("--watch", action="store_true",
@@ -343,7 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     command(chunks, "retry", cmd_chunk_retry, "put a failed chunk back to pending").add_argument(
         "chunk_id", type=int, metavar="ID")
 
-    command(commands, "stats", cmd_stats, "queue depth by priority, oldest pending, leases, failure rate")
+    command(commands, "stats", cmd_stats,
+            "queue depth by priority, oldest pending, leases, failure rate, vacuum and the oldest transaction")
+    command(commands, "workers", cmd_workers, "connected workers and the chunks they hold")
+    command(commands, "failures", cmd_failures, "errors grouped by kind, most frequent first")
+    prune = command(commands, "prune", cmd_prune, "delete jobs that finished long ago, in short transactions")
+    prune.add_argument("--older-than", required=True, metavar="INTERVAL",
+                       help="a PostgreSQL interval, e.g. '30 days'")
+    prune.add_argument("--batch", type=positive, default=10_000, help="chunks deleted per transaction")
 
     from workers.config import add_arguments
 

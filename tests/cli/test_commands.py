@@ -15,8 +15,9 @@ from tests.helpers.db import MIGRATIONS, claim, new_job
 from tests.helpers.pool import ROOT, progress, wait_until
 
 COMMANDS = [[], ["migrate"], ["job"], ["job", "create"], ["job", "list"], ["job", "show"], ["job", "progress"],
-            ["job", "cancel"], ["job", "retry-failed"], ["job", "delete"], ["chunk"], ["chunk", "list"],
-            ["chunk", "retry"], ["stats"], ["worker"], ["demo"], ["embedded"]]
+            ["job", "cancel"], ["job", "retry-failed"], ["job", "delete"], ["job", "pause"], ["job", "resume"],
+            ["job", "priority"], ["chunk"], ["chunk", "list"], ["chunk", "retry"], ["stats"], ["workers"],
+            ["failures"], ["prune"], ["worker"], ["demo"], ["embedded"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "chunkq")
@@ -149,3 +150,41 @@ def test_embedded_default_is_started_reused_and_stopped(tmp_path):
     assert "stopped" in stopped.stdout
     time.sleep(0.5)
     assert "stopped" in run("embedded", "status").stdout
+
+
+def test_pause_resume_priority(chunkq, conn):
+    job_id = new_job(conn, 1500)
+    paused = chunkq("job", "pause", job_id, "--json").json()
+    assert paused["paused_at"] is not None
+    assert chunkq("job", "list", "--json").json()[0]["paused_at"] == paused["paused_at"]
+    assert chunkq("job", "priority", job_id, "8", "--json").json()["priority"] == 8
+    assert chunkq("job", "resume", job_id, "--json").json()["paused_at"] is None
+    bad = chunkq("job", "priority", job_id, "99")
+    assert bad.code == 2 and "priority must be between 0 and 10" in bad.err
+
+
+def test_prune_command(chunkq, conn):
+    old = new_job(conn, 500 * 3)
+    for chunk_id, attempt in claim(conn, limit=3, job_id=old):
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    conn.execute("UPDATE chunkq.crawl_jobs SET finished_at = now() - interval '3 days' WHERE id = %s", (old,))
+    keep = new_job(conn, 500)
+    result = chunkq("prune", "--older-than", "2 days", "--batch", "2", "--json")
+    assert result.json() == {"jobs_deleted": 1, "chunks_deleted": 3}
+    assert [j["id"] for j in chunkq("job", "list", "--json").json()] == [keep]
+    bad = chunkq("prune", "--older-than", "-1 day")
+    assert bad.code == 2 and "older_than must not be negative" in bad.err
+    assert chunkq("prune", "--older-than", "soon").code == 2
+
+
+def test_workers_and_failures(chunkq, conn):
+    new_job(conn, 500 * 3, max_retries=0)
+    (a, att_a), (b, att_b) = claim(conn, "host:7", limit=2)
+    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'timed out fetching image 17')", (a, att_a))
+    workers = chunkq("workers", "--json").json()
+    assert [(w["worker_id"], w["chunks_held"]) for w in workers] == [("host:7", 1)]
+    failures = chunkq("failures", "--json").json()
+    assert [(f["error_kind"], f["occurrences"]) for f in failures] == [("timed out fetching image #", 1)]
+    assert "timed out fetching image #" in chunkq("failures").out
+    stats = chunkq("stats", "--json").json()["stats"]
+    assert {"dead_chunk_rows", "autovacuum_on", "oldest_transaction_age"} <= set(stats)
