@@ -107,6 +107,16 @@ def positive(value: str) -> int:
 # Commands
 # ---------------------------------------------------------------------------
 
+def listed(args: argparse.Namespace, rows: Sequence[Any], columns: Sequence[str],
+           headers: Sequence[str] | None = None, title: str | None = None) -> int:
+    """What a command that lists things prints: the rows as JSON, or a table of some columns."""
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, columns, title=title, headers=headers)
+    return 0
+
+
 def done(args: argparse.Namespace, value: Any, sentence: str) -> int:
     """What a command that changed something prints: the value as JSON, or one sentence."""
     if args.json:
@@ -128,11 +138,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             result, message = {"rolled_back": rolled}, f"rolled back {', '.join(rolled) or 'nothing'}"
         else:
             rows = [{"migration": name, "applied": applied} for name, applied in schema.status(dsn)]
-            if args.json:
-                emit_json(rows)
-            else:
-                table(rows, ["migration", "applied"])
-            return 0
+            return listed(args, rows, ["migration", "applied"])
     except psycopg.OperationalError as exc:
         raise Failure(f"cannot connect to the database: {str(exc).strip().splitlines()[0]}",
                       EXIT_UNREACHABLE) from exc
@@ -162,11 +168,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
 def cmd_job_list(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         jobs = CrawlJobRepository(conn).overview(args.status, args.limit)
-    if args.json:
-        emit_json(jobs)
-    else:
-        table(jobs, JOB_COLUMNS, headers=JOB_HEADERS)
-    return 0
+    return listed(args, jobs, JOB_COLUMNS, JOB_HEADERS)
 
 
 def cmd_job_show(args: argparse.Namespace) -> int:
@@ -260,33 +262,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         workers = JobChunkRepository(conn).live_workers()
-    if args.json:
-        emit_json(workers)
-    else:
-        table(workers, ["worker_id", "backend_pid", "connected_since", "chunks_held", "heartbeat_age",
-                        "next_lease_expiry"])
-    return 0
+    return listed(args, workers, ["worker_id", "backend_pid", "connected_since", "chunks_held", "heartbeat_age",
+                                  "next_lease_expiry"])
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         kinds = JobChunkRepository(conn).failure_summary()
-    if args.json:
-        emit_json(kinds)
-    else:
-        table(kinds, ["error_kind", "occurrences", "chunks", "jobs", "ended_failed", "last_seen",
-                      "example_chunk_id"])
-    return 0
+    return listed(args, kinds, ["error_kind", "occurrences", "chunks", "jobs", "ended_failed", "last_seen",
+                                "example_chunk_id"])
 
 
 def cmd_chunk_list(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         chunks = JobChunkRepository(conn).list_for_job(args.job, args.status, args.limit)
-    if args.json:
-        emit_json(chunks)
-    else:
-        table(chunks, CHUNK_COLUMNS, headers=CHUNK_HEADERS)
-    return 0
+    return listed(args, chunks, CHUNK_COLUMNS, CHUNK_HEADERS)
 
 
 def cmd_chunk_retry(args: argparse.Namespace) -> int:
