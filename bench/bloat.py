@@ -14,19 +14,13 @@ when no DSN is given): the point is what autovacuum makes of each configuration.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import tempfile
+import contextlib
 import threading
 import time
-from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
-from bench.common import bench_database, parser, server_line
+from bench.common import bench_database, parser, pgbench, server_line
 from chunkq.embedded import embedded_server
 
 SCRIPT = """\
@@ -35,8 +29,14 @@ SELECT chunkq.complete_chunk(:id, :attempt);
 """
 
 #: The configurations compared. "tuned" is what migration 0004 sets.
+#: "defaults" resets them to PostgreSQL's own.
 CONFIGS: dict[str, list[str]] = {
-    "defaults": [],
+    "defaults": [
+        "ALTER TABLE chunkq.job_chunks RESET (fillfactor, autovacuum_vacuum_scale_factor,"
+        " autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_cost_delay)",
+        "ALTER TABLE chunkq.job_chunk_counts RESET (fillfactor, autovacuum_vacuum_scale_factor,"
+        " autovacuum_vacuum_threshold, autovacuum_vacuum_cost_delay)",
+    ],
     "tuned": [
         "ALTER TABLE chunkq.job_chunks SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,"
         " autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0)",
@@ -54,20 +54,7 @@ SELECT c.relname, pg_relation_size(c.oid), pg_indexes_size(c.oid), s.n_live_tup,
 """
 
 
-def pgbench(dsn: str, script: Path, clients: int, cycles: int) -> float:
-    params = conninfo_to_dict(dsn)
-    command = [shutil.which("pgbench") or "pgbench", "-n", "-f", str(script), "-c", str(clients),
-               "-j", str(clients), "-t", str(cycles // clients)]
-    for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
-        if params.get(key):
-            command += [flag, str(params[key])]
-    command.append(str(params["dbname"]))
-    env = {**os.environ, "PGPASSWORD": str(params.get("password") or "")}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    return float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-
-def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clients: int, script: Path) -> None:
+def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clients: int) -> None:
     with bench_database(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement)
@@ -87,7 +74,7 @@ def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clien
         sampler = threading.Thread(target=sample)
         sampler.start()
         started = time.monotonic()
-        rate = pgbench(dsn, script, clients, cycles)
+        rate = pgbench(dsn, SCRIPT, clients, cycles)
         done.set()
         sampler.join()
         elapsed = time.monotonic() - started
@@ -103,6 +90,11 @@ def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clien
                 "SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes"
                 " WHERE relname = 'job_chunks' ORDER BY 1"):
             print(f"    {index:<34} {size / 2**20:>8.1f} MB")
+        for relname, options in conn.execute(
+                "SELECT relname, coalesce(array_to_string(reloptions, ', '), 'none') FROM pg_class"
+                " WHERE relnamespace = 'chunkq'::regnamespace AND relname IN ('job_chunks', 'job_chunk_counts')"
+                " ORDER BY 1"):
+            print(f"  storage parameters of {relname}: {options}")
 
 
 def main() -> None:
@@ -111,18 +103,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "cycle.sql"
-        script.write_text(SCRIPT)
-        if args.dsn is None:
-            with embedded_server() as admin:
-                print(server_line(admin))
-                for name in args.configs:
-                    measure(admin, name, CONFIGS[name], args.cycles, args.clients, script)
-        else:
-            print(server_line(args.dsn))
-            for name in args.configs:
-                measure(args.dsn, name, CONFIGS[name], args.cycles, args.clients, script)
+    with contextlib.ExitStack() as stack:
+        admin = args.dsn or stack.enter_context(embedded_server())
+        print(server_line(admin))
+        for name in args.configs:
+            measure(admin, name, CONFIGS[name], args.cycles, args.clients)
 
 
 if __name__ == "__main__":

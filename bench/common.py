@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 import chunkq
 from chunkq.embedded import embedded_server
@@ -59,3 +66,43 @@ def median_ms(call: Callable[[], object], times: int) -> tuple[float, float, flo
         call()
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples), min(samples), max(samples)
+
+
+def pgbench(dsn: str, script: str, clients: int, transactions: int) -> float:
+    """Runs ``script`` with pgbench, ``clients`` at once, ``transactions`` runs of it in all; its runs/s."""
+    binary = shutil.which("pgbench") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))), None)
+    if binary is None:
+        raise RuntimeError("pgbench not found: install PostgreSQL's client tools (Debian: postgresql-contrib)")
+    params = conninfo_to_dict(dsn)
+    command = [str(binary), "-n", "-c", str(clients), "-j", str(clients), "-t", str(max(1, transactions // clients))]
+    for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
+        if params.get(key):
+            command += [flag, str(params[key])]
+    env = {**os.environ, "PGPASSWORD": str(params.get("password") or "")}
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as file:
+        file.write(script)
+        file.flush()
+        done = subprocess.run([*command, "-f", file.name, str(params["dbname"])],
+                              capture_output=True, text=True, env=env)
+    if done.returncode != 0 or "tps = " not in done.stdout:
+        raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-500:]}")
+    return float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median, min and max of repeated measurements."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __format__(self, spec: str) -> str:
+        spec = spec or ",.0f"
+        if self.low == self.high:
+            return format(self.median, spec)
+        return f"{self.median:{spec}} ({self.low:{spec}}-{self.high:{spec}})"
