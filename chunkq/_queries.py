@@ -67,6 +67,10 @@ CLAIM_CHUNKS = (
     f"SELECT {CHUNK} FROM chunkq.claim_chunks(%(worker_id)s::text, %(limit)s::integer,"
     " %(job_id)s::bigint, %(lease)s::interval)"
 )
+COMPLETE_AND_CLAIM = (
+    f"SELECT {CHUNK} FROM chunkq.complete_and_claim(%(chunk_ids)s::bigint[], %(attempts)s::integer[],"
+    " %(worker_id)s::text, %(limit)s::integer, %(job_id)s::bigint, %(lease)s::interval)"
+)
 CLAIM_CHUNK = (
     f"SELECT {CHUNK} FROM chunkq.claim_chunk(%(chunk_id)s::bigint, %(worker_id)s::text,"
     " %(lease)s::interval, %(task_id)s::text)"

@@ -30,6 +30,9 @@ LANGUAGE sql STABLE AS $$
            (SELECT max(d.oldest_pending_age) FROM chunkq.queue_depth d)
       FROM chunkq.job_chunk_counts k;
 $$;
+COMMENT ON FUNCTION chunkq.queue_stats() IS
+    'One row about the whole queue: jobs pending and running, chunks by state (from the counters), expired '
+    'leases, failure rate, errors in the last hour, age of the oldest pending chunk.';
 
 
 DROP VIEW chunkq.failure_summary;

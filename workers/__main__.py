@@ -35,7 +35,7 @@ def preflight(config: PoolConfig) -> None:
 
 
 def run(config: PoolConfig) -> int:
-    logs.setup(config.log_format)
+    logs.setup(config.log_format, config.log_level)
     try:
         preflight(config)
     except (ConfigError, HandlerError, ChunkqError) as exc:

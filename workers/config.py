@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from psycopg.conninfo import conninfo_to_dict
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 class ConfigError(ValueError):
     """An option is wrong; the message says which and why."""
 
@@ -28,6 +31,7 @@ class PoolConfig:
     grace: float = 30.0  # seconds running chunks get to finish after SIGTERM
     listen: bool = True  # LISTEN for new chunks; off for PgBouncer transaction pooling
     log_format: str = "text"  # or "json"
+    log_level: str = "info"  # info logs every chunk's outcome; warning only retries, failures and trouble
     name: str = socket.gethostname()  # worker ids are name:pid
 
     def check(self) -> None:
@@ -51,6 +55,8 @@ class PoolConfig:
             raise ConfigError(f"--max-retries must not be negative, got {self.max_retries}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-listen", dest="listen", action="store_false",
                         help="poll only, no LISTEN/NOTIFY (for PgBouncer in transaction pooling mode)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines (default text)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="info (default) logs every chunk's outcome; warning only retries, failures and trouble")
     parser.add_argument("--name", default=defaults.name, help="worker ids are NAME:pid (default: the host name)")
 
 
@@ -93,6 +101,7 @@ def from_args(args: argparse.Namespace) -> PoolConfig:
         grace=args.grace,
         listen=args.listen,
         log_format=args.log_format,
+        log_level=args.log_level,
         name=args.name,
     )
     config.check()

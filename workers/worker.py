@@ -1,8 +1,11 @@
 """One worker process: claim chunks, run the handler on each, report the outcome.
 
 The loop: claim (up to --batch chunks) -> for each, run the handler while the
-LeaseKeeper heartbeats -> complete, or fail (retried with backoff unless
-DoNotRetry) -> claim again; when there is nothing to claim, wait for the
+LeaseKeeper heartbeats -> a failure is reported at once (retried with backoff
+unless DoNotRetry), a completion is held back -> the held-back completions and
+the next claim go in one call (complete_and_claim: one round trip, one commit).
+A completion is held back only while more chunks as quick as the last one would
+fit in FLUSH_AFTER, so slow chunks are reported as each one finishes. When there is nothing to claim, wait for the
 supervisor's wake-up (a NOTIFY arrived) or the poll interval.
 
 The connection is opened here, in the worker process, and reopened with backoff
@@ -37,6 +40,9 @@ from .lease import Holdings, LeaseKeeper
 
 T = TypeVar("T")
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+REFUSALS = (LeaseLost, InvalidTransition)  # a chunk is no longer held as this worker thinks
+#: Seconds a completion may wait to be reported with the next claim.
+FLUSH_AFTER = 1.0
 
 
 class Session:
@@ -86,6 +92,9 @@ class Worker:
         self.session = Session(config, self.stopping)
         self.holdings = Holdings()
         self.keywords: dict[int, Any] = {}  # job id -> keywords, fetched once per job
+        # Completed by the handler, not yet reported: (chunk, handler ms); still held meanwhile.
+        self.completed: list[tuple[JobChunk, float]] = []
+        self.completed_since = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -115,17 +124,44 @@ class Worker:
                 self.process(chunks)
             else:
                 self.wait_for_work()
+        self.session.call(self.report_completed)
         keeper.finished.set()
         logs.event("worker stopped", worker=self.worker_id)
         return 0
 
     def claim(self, session: Session) -> list[JobChunk]:
+        """Reports the held-back completions and claims up to --batch more chunks, in one call."""
         try:
-            return session.chunks.claim(self.worker_id, limit=self.config.batch, job_id=self.config.job_id,
-                                        lease=self.config.lease)
+            return self.report_completed(session, limit=self.config.batch)
         except JobNotFound:  # the --job was deleted while we ran: nothing to do, ever
             logs.event("the job to work on no longer exists", level=logging.WARNING, job=self.config.job_id)
             return []
+
+    def report_completed(self, session: Session, limit: int = 0) -> list[JobChunk]:
+        """complete_and_claim for the held-back completions; if one of them is no longer held, it
+        refuses them all, and each is reported on its own instead (then the claim is made alone)."""
+        with self.holdings.lock:
+            lost = [(chunk, ms) for chunk, ms in self.completed if not self.holdings.holds(chunk.id)]
+            done = [(chunk, ms) for chunk, ms in self.completed if self.holdings.holds(chunk.id)]
+            if not done and not limit:
+                outcomes: list[str] = []
+                claimed: list[JobChunk] = []
+            else:
+                try:
+                    claimed = session.chunks.complete_and_claim(
+                        [(chunk.id, chunk.attempt) for chunk, _ in done], self.worker_id, limit=limit,
+                        job_id=self.config.job_id, lease=self.config.lease)
+                    outcomes = ["completed"] * len(done)
+                except REFUSALS:
+                    outcomes = [self.deliver(session, chunk, None, True) for chunk, _ in done]
+                    claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
+                                                    lease=self.config.lease) if limit else [])
+            for chunk, _ in done:
+                self.holdings.drop(chunk.id)
+            self.completed.clear()
+        for (chunk, ms), outcome in [*zip(done, outcomes), *((entry, "lease_lost") for entry in lost)]:
+            self.log_outcome(chunk, outcome, ms, None)
+        return claimed
 
     def wait_for_work(self) -> None:
         until = time.monotonic() + self.config.poll
@@ -138,7 +174,16 @@ class Worker:
         for chunk in chunks:
             if self.stopping.is_set():
                 break
+            started = time.monotonic()
             self.run_one(chunk, lost[chunk.id])
+            # Report now if waiting for one more chunk like this one would hold the
+            # completions back longer than FLUSH_AFTER (slow chunks: each one at once).
+            waited, next_chunk = time.monotonic() - self.completed_since, time.monotonic() - started
+            if self.completed and waited + next_chunk > FLUSH_AFTER:
+                self.session.call(self.report_completed)
+        if not self.stopping.is_set():
+            return  # the completions go with the next claim
+        self.session.call(self.report_completed)
         # Stopping with chunks claimed but not started: hand them back, no retry spent.
         with self.holdings.lock:
             for chunk_id, attempt in self.holdings.pairs():
@@ -158,48 +203,57 @@ class Worker:
             error, retry = describe(exc), False
         except Exception as exc:
             error = describe(exc)
-        outcome = self.report(chunk, error, retry)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        if error is None:
+            if not self.completed:
+                self.completed_since = time.monotonic()
+            self.completed.append((chunk, duration_ms))
+            return
+        self.log_outcome(chunk, self.report_failure(chunk, error, retry), duration_ms, error)
+
+    def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
         logs.event(
             "chunk " + outcome,
             level=logging.INFO if outcome == "completed" else logging.WARNING,
             event="chunk", job=chunk.job_id, chunk=chunk.id, index=chunk.chunk_index, attempt=chunk.attempt,
-            outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1), worker=self.worker_id,
+            outcome=outcome, duration_ms=duration_ms, worker=self.worker_id,
             **({"error": error} if error else {}),
         )
 
-    def report(self, chunk: JobChunk, error: str | None, retry: bool) -> str:
-        """Records the outcome; returns completed, retrying, failed, lease_lost or cancelled."""
-
-        def deliver(session: Session) -> str:
-            try:
-                if error is None:
-                    session.chunks.complete(chunk.id, chunk.attempt)
-                    return "completed"
-                outcome = session.chunks.fail(chunk.id, chunk.attempt, error, retry=retry,
-                                              max_retries=self.config.max_retries)
-                return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
-            except ChunkCancelled:
-                return "cancelled"
-            except LeaseLost:
-                return "lease_lost"
-            except InvalidTransition:
-                # A first try may have been recorded just before the connection broke.
-                now = session.chunks.get_by_id(chunk.id)
-                if now is not None and now.attempt == chunk.attempt:
-                    recorded = {ChunkStatus.COMPLETED: "completed", ChunkStatus.FAILED: "failed",
-                                ChunkStatus.PENDING: "retrying"}
-                    return recorded.get(now.status, "refused")
-                return "lease_lost"
+    def report_failure(self, chunk: JobChunk, error: str, retry: bool) -> str:
+        """Records a failure; returns retrying, failed, lease_lost or cancelled."""
 
         def send(session: Session) -> str:
             with self.holdings.lock:
                 if not self.holdings.holds(chunk.id):  # the LeaseKeeper found the lease lost
                     return "lease_lost"
-                outcome = deliver(session)  # a connection error leaves the chunk held: sent again
+                outcome = self.deliver(session, chunk, error, retry)  # a connection error: sent again
                 self.holdings.drop(chunk.id)
                 return outcome
 
         return self.session.call(send)
+
+    def deliver(self, session: Session, chunk: JobChunk, error: str | None, retry: bool) -> str:
+        """Reports one chunk's outcome; returns completed, retrying, failed, lease_lost or cancelled."""
+        try:
+            if error is None:
+                session.chunks.complete(chunk.id, chunk.attempt)
+                return "completed"
+            outcome = session.chunks.fail(chunk.id, chunk.attempt, error, retry=retry,
+                                          max_retries=self.config.max_retries)
+            return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
+        except ChunkCancelled:
+            return "cancelled"
+        except LeaseLost:
+            return "lease_lost"
+        except InvalidTransition:
+            # A first try may have been recorded just before the connection broke.
+            now = session.chunks.get_by_id(chunk.id)
+            if now is not None and now.attempt == chunk.attempt:
+                recorded = {ChunkStatus.COMPLETED: "completed", ChunkStatus.FAILED: "failed",
+                            ChunkStatus.PENDING: "retrying"}
+                return recorded.get(now.status, "refused")
+            return "lease_lost"
 
     def job_keywords(self, job_id: int) -> Any:
         if job_id not in self.keywords:
@@ -216,7 +270,7 @@ def describe(exc: BaseException) -> str:
 
 def main(config: PoolConfig, slot: int, wake: Any, idle: Any) -> None:
     """Entry point of a worker process (started by the supervisor)."""
-    logs.setup(config.log_format)
+    logs.setup(config.log_format, config.log_level)
     multiprocessing.current_process().name = f"worker-{slot}"
     worker = Worker(config, slot, load_handler(config.handler), wake, idle)
     # Ctrl-C reaches the whole process group; the supervisor decides and sends SIGTERM.

@@ -8,6 +8,7 @@ worker whose lease lapsed from overwriting a newer attempt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -164,6 +165,28 @@ class JobChunkRepository:
             "lease": interval(lease),
         }
         return await fetch(self.conn, q.CLAIM_CHUNKS, params, class_row(JobChunk))
+
+    async def complete_and_claim(
+        self,
+        completed: Sequence[tuple[int, int]],
+        worker_id: str | None = None,
+        *,
+        limit: int = 1,
+        job_id: int | None = None,
+        lease: timedelta | float | None = None,
+    ) -> list[JobChunk]:
+        """Completes the held (chunk id, attempt) pairs and claims up to ``limit`` more (0: none), in one
+        transaction. All or nothing: a pair no longer held raises its error (LeaseLost, ChunkCancelled,
+        InvalidTransition) and nothing is completed or claimed."""
+        params = {
+            "chunk_ids": [chunk_id for chunk_id, _ in completed],
+            "attempts": [attempt for _, attempt in completed],
+            "worker_id": worker_id or default_worker_id(),
+            "limit": limit,
+            "job_id": job_id,
+            "lease": interval(lease),
+        }
+        return await fetch(self.conn, q.COMPLETE_AND_CLAIM, params, class_row(JobChunk))
 
     async def claim_by_id(
         self,

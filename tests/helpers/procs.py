@@ -119,3 +119,20 @@ def random_operations(dsn: str, seed: int, steps: int, results: Any) -> None:
                 if exc.sqlstate not in expected:
                     unexpected.append(f"{op}: {exc.sqlstate} {exc}")
     results.put(unexpected)
+
+
+def drain_with_complete_and_claim(dsn: str, worker: str, batch: int, results: Any) -> None:
+    """The worker pool's fast path in a loop: complete what was claimed and claim the next batch in one
+    call, until nothing is left. Sends back every (chunk id, attempt) this process was handed."""
+    handed: list[tuple[int, int]] = []
+    held: list[tuple[int, int]] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            held = conn.execute(
+                "SELECT id, attempt FROM chunkq.complete_and_claim(%s, %s, %s, %s)",
+                ([i for i, _ in held], [a for _, a in held], worker, batch),
+            ).fetchall()
+            if not held:
+                break
+            handed += held
+    results.put(handed)

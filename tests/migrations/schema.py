@@ -40,16 +40,43 @@ QUERIES = {
         SELECT t.typname || ' composite ' || string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', '
                                                         ORDER BY a.attnum)
           FROM pg_type t JOIN pg_class c ON c.oid = t.typrelid AND c.relkind = 'c'
-          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
          WHERE t.typnamespace = 'chunkq'::regnamespace GROUP BY t.typname
     """,
     "function": """
         SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') -> '
                || pg_get_function_result(p.oid) || ' ' || l.lanname || ' '
                || CASE p.provolatile WHEN 'i' THEN 'immutable' WHEN 's' THEN 'stable' ELSE 'volatile' END
+               || CASE WHEN p.prosecdef THEN ' security definer' ELSE '' END
+               || CASE WHEN cardinality(p.proconfig) > 0
+                    THEN ' set ' || array_to_string(ARRAY(SELECT unnest(p.proconfig) ORDER BY 1), ', ') ELSE '' END
                || ' body ' || md5(p.prosrc)
           FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
          WHERE p.pronamespace = 'chunkq'::regnamespace
+    """,
+    "trigger": """
+        SELECT pg_get_triggerdef(t.oid)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'chunkq'::regnamespace AND NOT t.tgisinternal
+    """,
+    "storage": """
+        SELECT c.relname || ' ' || array_to_string(c.reloptions, ', ')
+          FROM pg_class c WHERE c.relnamespace = 'chunkq'::regnamespace AND c.reloptions IS NOT NULL
+    """,
+    "comment": """
+        SELECT c.relname || coalesce('.' || a.attname, '') || ' ' || md5(d.description)
+          FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass AND c.oid = d.objoid
+          LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.objsubid AND d.objsubid > 0
+         WHERE c.relnamespace = 'chunkq'::regnamespace
+        UNION ALL
+        SELECT p.oid::regprocedure::text || ' ' || md5(d.description)
+          FROM pg_description d JOIN pg_proc p ON d.classoid = 'pg_proc'::regclass AND p.oid = d.objoid
+         WHERE p.pronamespace = 'chunkq'::regnamespace
+        UNION ALL
+        SELECT c.relname || ' trigger ' || t.tgname || ' ' || md5(d.description)
+          FROM pg_description d JOIN pg_trigger t ON d.classoid = 'pg_trigger'::regclass AND t.oid = d.objoid
+          JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'chunkq'::regnamespace
     """,
 }
 

@@ -84,6 +84,19 @@ def test_rolling_back_to_0001_restores_its_api(empty_dsn):
         assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
 
 
+def test_each_rollback_restores_the_schema_before_its_migration(empty_dsn):
+    before = []  # the schema before each migration, then after the last
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        for migration in MIGRATIONS:
+            before.append(describe(conn) if chunkq_schema_exists(empty_dsn) else "no schema")
+            applied = yoyo("apply", "--revision", migration, dsn=empty_dsn)
+            assert applied.returncode == 0, applied.stderr
+        for migration, expected in zip(MIGRATIONS[::-1], before[::-1]):
+            assert chunkq.rollback(empty_dsn, steps=1) == [migration]
+            after = describe(conn) if chunkq_schema_exists(empty_dsn) else "no schema"
+            assert after == expected, f"rolling back {migration} left a different schema"
+
+
 def test_every_migration_has_a_rollback():
     forward = sorted(p for p in migrations_path().glob("*.sql") if not p.name.endswith(".rollback.sql"))
     assert forward, "no migrations found"

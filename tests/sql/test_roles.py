@@ -54,6 +54,9 @@ def test_worker_role(conn, login):
         worker.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom', true)", (b, att_b))
         worker.execute("SELECT chunkq.release_chunk(%s, %s)", (c, att_c))
         worker.execute("SELECT chunkq.reclaim_expired_chunks()")
+        (e, att_e), = claim(worker, "w", job_id=job_id)
+        assert worker.execute("SELECT count(*) FROM chunkq.complete_and_claim(%s, %s, 'w', 0)",
+                              ([e], [att_e])).fetchone() == (0,)
         assert worker.execute("SELECT keywords FROM chunkq.get_job(%s)", (job_id,)).fetchone() == (["cat"],)
         assert worker.execute("SELECT chunkq.schema_version()").fetchone()[0] >= 5
 
