@@ -20,7 +20,7 @@ import time
 
 import psycopg
 
-from bench.common import bench_database, parser, pgbench, server_line
+from bench.common import bench_database, one, parser, pgbench, server_line
 from chunkq.embedded import embedded_server
 
 SCRIPT = """\
@@ -28,8 +28,8 @@ SELECT id, attempt FROM chunkq.claim_chunks('pgbench', 1) \\gset
 SELECT chunkq.complete_chunk(:id, :attempt);
 """
 
-#: The configurations compared. "tuned" is what migration 0004 sets.
-#: "defaults" resets them to PostgreSQL's own.
+#: The configurations compared: "tuned" is what migration 0004 sets, "defaults"
+#: PostgreSQL's own, "fillfactor-80" the first candidate (tuned plus fillfactor 80).
 CONFIGS: dict[str, list[str]] = {
     "defaults": [
         "ALTER TABLE chunkq.job_chunks RESET (fillfactor, autovacuum_vacuum_scale_factor,"
@@ -37,12 +37,8 @@ CONFIGS: dict[str, list[str]] = {
         "ALTER TABLE chunkq.job_chunk_counts RESET (fillfactor, autovacuum_vacuum_scale_factor,"
         " autovacuum_vacuum_threshold, autovacuum_vacuum_cost_delay)",
     ],
-    "tuned": [
-        "ALTER TABLE chunkq.job_chunks SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,"
-        " autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0)",
-        "ALTER TABLE chunkq.job_chunk_counts SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,"
-        " autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0)",
-    ],
+    "tuned": [],
+    "fillfactor-80": ["ALTER TABLE chunkq.job_chunks SET (fillfactor = 80)"],
 }
 
 STATS = """
@@ -59,8 +55,7 @@ def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clien
         for statement in statements:
             conn.execute(statement)
         conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = greatest(max_chunks_per_job, %s)", (cycles,))
-        job = conn.execute("SELECT id FROM chunkq.create_job(1, 'bloat', '[]', %s, NULL, NULL, 1)",
-                           (cycles,)).fetchone()[0]
+        job = one(conn, "SELECT id FROM chunkq.create_job(1, 'bloat', '[]', %s, NULL, NULL, 1)", (cycles,))[0]
         conn.execute("SELECT chunkq.create_chunks(%s)", (job,))
         peak = {"job_chunks": 0, "job_chunk_counts": 0}
         done = threading.Event()

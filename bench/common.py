@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,18 @@ def bench_database(admin_dsn: str | None) -> Iterator[str]:
             dbs.drop(name)
 
 
+def one(conn: psycopg.Connection[Any], query: str, params: Sequence[object] = ()) -> tuple[Any, ...]:
+    """The one row a query returns."""
+    row: tuple[Any, ...] | None = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {query}")
+    return row
+
+
 def server_line(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
-        version, fsync, sync = conn.execute(
-            "SELECT current_setting('server_version'), current_setting('fsync'),"
-            " current_setting('synchronous_commit')"
-        ).fetchone()
+        version, fsync, sync = one(conn, "SELECT current_setting('server_version'), current_setting('fsync'),"
+                                         " current_setting('synchronous_commit')")
     return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}, {os.cpu_count()} CPUs"
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 import time
+from typing import Any
 
 import psycopg
 
-from bench.common import bench_database, parser, server_line
+from bench.common import bench_database, one, parser, server_line
 
 
-def complete_all(dsn: str, work: list[tuple[int, int]], barrier, results) -> None:
+def complete_all(dsn: str, work: list[tuple[int, int]], barrier: Any, results: Any) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         barrier.wait()
         start = time.perf_counter()
@@ -36,8 +37,8 @@ def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple
     """``jobs`` jobs sharing ``chunks`` chunks, all claimed; returns per-job lists of (chunk, attempt)."""
     per_job = []
     for _ in range(jobs):
-        job_id = conn.execute("SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)",
-                              (chunks // jobs,)).fetchone()[0]
+        job_id = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)",
+                     (chunks // jobs,))[0]
         conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
         claimed = []
         while batch := conn.execute(
@@ -63,7 +64,7 @@ def run(dsn: str, work: list[list[tuple[int, int]]]) -> float:
     for proc in procs:
         proc.join()
     elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
-    return sum(len(w) for w in work) / elapsed
+    return float(sum(len(w) for w in work) / elapsed)
 
 
 def main() -> None:

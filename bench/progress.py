@@ -12,14 +12,14 @@ import time
 
 import psycopg
 
-from bench.common import bench_database, median_ms, parser, server_line
+from bench.common import bench_database, median_ms, one, parser, server_line
 
 COUNT_QUERY = "SELECT status, count(*) FROM chunkq.job_chunks WHERE job_id = %s GROUP BY status"
 
 
 def advance_to(conn: psycopg.Connection, job_id: int, fraction: float, total: int) -> None:
     """Claims and completes chunks (server-side, 1000 per statement) until ``fraction`` are completed."""
-    done = conn.execute("SELECT completed_chunks FROM chunkq.job_progress(%s)", (job_id,)).fetchone()[0]
+    done: int = one(conn, "SELECT completed_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]
     while done < int(total * fraction):
         batch = min(1000, int(total * fraction) - done)
         conn.execute(
@@ -36,7 +36,7 @@ def main() -> None:
     with bench_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         print(server_line(dsn))
         conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = greatest(max_chunks_per_job, %s)", (args.chunks,))
-        job_id = conn.execute("SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s)", (args.chunks * 500,)).fetchone()[0]
+        job_id = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s)", (args.chunks * 500,))[0]
         start = time.perf_counter()
         conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
         created = time.perf_counter() - start
