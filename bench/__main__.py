@@ -75,6 +75,7 @@ class Results:
 
     def add(self, key: tuple[object, ...], value: float) -> float:
         self.values[key].append(value)
+        print(f"    {' '.join(map(str, key))}: {value:,.3f}", flush=True)  # kept even if the run dies
         return value
 
     def __getitem__(self, key: tuple[object, ...]) -> Summary:
@@ -129,18 +130,18 @@ def enqueue(admin: str, plan: Plan, with_peers: bool, results: Results) -> None:
 
 def scale(admin: str, plan: Plan, results: Results) -> None:
     with bench_database(admin) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        for rows in plan.rows:  # first, while the table holds nothing else
+            print(f"  claim latency at {rows:,} rows", flush=True)
+            grow_to(conn, rows)
+            p50, p99 = claim_latency(conn, plan.claims)
+            results.add(("claim p50", rows), p50)
+            results.add(("claim p99", rows), p99)
         for _ in range(plan.repeats):
             one, many = one_job_versus_many(dsn, conn, 4, plan.contention_chunks)
             results.add(("contention", "one job"), one)
             results.add(("contention", "4 jobs"), many)
         for fraction, ms in progress_latency(conn, plan.progress_chunks).items():
             results.add(("progress", fraction), ms)
-        for rows in plan.rows:
-            print(f"  claim latency at {rows:,} rows", flush=True)
-            grow_to(conn, rows)
-            p50, p99 = claim_latency(conn, plan.claims)
-            results.add(("claim p50", rows), p50)
-            results.add(("claim p99", rows), p99)
 
 
 def report(plan: Plan, with_peers: bool, r: Results) -> None:

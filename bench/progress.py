@@ -13,20 +13,21 @@ import time
 import psycopg
 
 from bench.common import bench_database, median_ms, one, parser, server_line
+from chunkq.sync import JobChunkRepository
 
 COUNT_QUERY = "SELECT status, count(*) FROM chunkq.job_chunks WHERE job_id = %s GROUP BY status"
 
 
 def advance_to(conn: psycopg.Connection, job_id: int, fraction: float, total: int) -> None:
-    """Claims and completes chunks (server-side, 1000 per statement) until ``fraction`` are completed."""
+    """Claims and completes chunks, 1000 per call (complete_and_claim), until ``fraction`` are completed."""
+    chunks = JobChunkRepository(conn)
     done: int = one(conn, "SELECT completed_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]
-    while done < int(total * fraction):
-        batch = min(1000, int(total * fraction) - done)
-        conn.execute(
-            "SELECT count(chunkq.complete_chunk(id, attempt)) FROM chunkq.claim_chunks('bench', %s, %s)",
-            (batch, job_id),
-        )
-        done += batch
+    held: list[tuple[int, int]] = []
+    while done + len(held) < int(total * fraction) or held:
+        want = max(0, min(1000, int(total * fraction) - done - len(held)))
+        claimed = chunks.complete_and_claim(held, "bench", limit=want, job_id=job_id)
+        done += len(held)
+        held = [(chunk.id, chunk.attempt) for chunk in claimed]
 
 
 def main() -> None:
