@@ -5,8 +5,8 @@ LeaseKeeper heartbeats -> a failure is reported at once (retried with backoff
 unless DoNotRetry), a completion is held back -> the held-back completions and
 the next claim go in one call (complete_and_claim: one round trip, one commit).
 A completion is held back only while more chunks as quick as the last one would
-fit in FLUSH_AFTER, so slow chunks are reported as each one finishes. When there is nothing to claim, wait for the
-supervisor's wake-up (a NOTIFY arrived) or the poll interval.
+fit in FLUSH_AFTER, so slow chunks are reported as each one finishes. When there
+is nothing to claim, wait for the supervisor's wake-up (a NOTIFY arrived) or the poll interval.
 
 The connection is opened here, in the worker process, and reopened with backoff
 whenever Postgres goes away. A report that could not be delivered is sent again
@@ -174,12 +174,10 @@ class Worker:
         for chunk in chunks:
             if self.stopping.is_set():
                 break
-            started = time.monotonic()
-            self.run_one(chunk, lost[chunk.id])
+            took = self.run_one(chunk, lost[chunk.id])
             # Report now if waiting for one more chunk like this one would hold the
             # completions back longer than FLUSH_AFTER (slow chunks: each one at once).
-            waited, next_chunk = time.monotonic() - self.completed_since, time.monotonic() - started
-            if self.completed and waited + next_chunk > FLUSH_AFTER:
+            if self.completed and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
                 self.session.call(self.report_completed)
         if not self.stopping.is_set():
             return  # the completions go with the next claim
@@ -191,7 +189,8 @@ class Worker:
                 self.holdings.drop(chunk_id)
                 logs.event("chunk released", chunk=chunk_id, attempt=attempt, outcome="released")
 
-    def run_one(self, chunk: JobChunk, lost: threading.Event) -> None:
+    def run_one(self, chunk: JobChunk, lost: threading.Event) -> float:
+        """Runs the handler on one chunk; holds back a completion, reports a failure. Seconds it took."""
         task = ChunkTask(chunk.id, chunk.job_id, chunk.chunk_index, chunk.image_start, chunk.image_end,
                          self.job_keywords(chunk.job_id), chunk.attempt, lost)
         started = time.monotonic()
@@ -203,13 +202,15 @@ class Worker:
             error, retry = describe(exc), False
         except Exception as exc:
             error = describe(exc)
-        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        took = time.monotonic() - started
+        duration_ms = round(took * 1000, 1)
         if error is None:
             if not self.completed:
                 self.completed_since = time.monotonic()
             self.completed.append((chunk, duration_ms))
-            return
-        self.log_outcome(chunk, self.report_failure(chunk, error, retry), duration_ms, error)
+        else:
+            self.log_outcome(chunk, self.report_failure(chunk, error, retry), duration_ms, error)
+        return took
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
         logs.event(
