@@ -1,0 +1,301 @@
+-- Rolls back 0007: claims and completions go through _claim again, the pause is checked per chunk,
+-- and the reclaim asks EXISTS.
+CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
+LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 6';
+
+CREATE FUNCTION chunkq._job_paused(p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM chunkq.crawl_jobs j WHERE j.id = p_job_id AND j.paused_at IS NOT NULL);
+$$;
+COMMENT ON FUNCTION chunkq._job_paused(bigint) IS 'Internal: whether the job is paused.';
+REVOKE ALL ON FUNCTION chunkq._job_paused(bigint) FROM PUBLIC;
+
+CREATE FUNCTION chunkq._claim(
+    p_worker_id text,
+    p_limit integer,
+    p_job_id bigint,
+    p_lease interval,
+    p_moves chunkq._chunk_move[]
+) RETURNS SETOF chunkq.job_chunks
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_lease interval := chunkq._lease(p_lease);
+    v_moves chunkq._chunk_move[];
+    v_ids bigint[] := '{}';
+    v_taken chunkq.job_chunks[] := '{}';
+BEGIN
+    -- Abandoned chunks first, so that they can be claimed again right away.
+    v_moves := p_moves || ARRAY(SELECT m FROM chunkq._reclaim_expired(100) m);
+
+    -- SKIP LOCKED: chunks another claim is taking right now are passed over, not
+    -- waited for, so concurrent claims never hand out the same chunk and never queue.
+    -- A paused job's pending chunks wait with available_at = infinity, outside the
+    -- claim index; _job_paused also catches one that went back to pending since.
+    IF p_limit > 0 AND p_job_id IS NULL THEN
+        v_ids := ARRAY(SELECT c.id FROM chunkq.job_chunks c
+                        WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
+                          AND NOT chunkq._job_paused(c.job_id)
+                        ORDER BY c.priority DESC, c.id
+                        LIMIT p_limit
+                          FOR UPDATE OF c SKIP LOCKED);
+    ELSIF p_limit > 0 THEN
+        v_ids := ARRAY(SELECT c.id FROM chunkq.job_chunks c
+                        WHERE c.job_id = p_job_id AND c.status = 'pending' AND c.available_at < 'infinity'
+                          AND c.available_at <= now() AND NOT chunkq._job_paused(c.job_id)
+                        ORDER BY c.priority DESC, c.id
+                        LIMIT p_limit
+                          FOR UPDATE OF c SKIP LOCKED);
+    END IF;
+
+    IF cardinality(v_ids) > 0 THEN
+        v_taken := ARRAY(SELECT t FROM chunkq._take_chunks(v_ids, p_worker_id, v_lease, NULL) t);
+        v_moves := v_moves || ARRAY(SELECT (t.job_id, t.chunk_index, 'pending', 'processing')::chunkq._chunk_move
+                                      FROM unnest(v_taken) t);
+    ELSIF p_job_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs WHERE id = p_job_id) THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
+    END IF;
+    IF cardinality(v_moves) > 0 THEN
+        PERFORM chunkq._apply_chunk_moves(v_moves);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_taken) t ORDER BY t.priority DESC, t.id;
+END $$;
+COMMENT ON FUNCTION chunkq._claim(text, integer, bigint, interval, chunkq._chunk_move[]) IS
+    'Internal: reclaims expired leases, leases up to p_limit claimable chunks (0: none) to a worker and books '
+    'those moves together with the caller''s p_moves.';
+REVOKE ALL ON FUNCTION chunkq._claim(text, integer, bigint, interval, chunkq._chunk_move[]) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION chunkq.claim_chunks(
+    p_worker_id text DEFAULT NULL,
+    p_limit integer DEFAULT 1,
+    p_job_id bigint DEFAULT NULL,
+    p_lease interval DEFAULT NULL
+) RETURNS SETOF chunkq.job_chunks
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'claim limit must be between 1 and 1000, got %', coalesce(p_limit::text, 'NULL')
+            USING ERRCODE = 'CQ001';
+    END IF;
+    RETURN QUERY SELECT * FROM chunkq._claim(p_worker_id, p_limit, p_job_id, p_lease, '{}');
+END $$;
+
+CREATE OR REPLACE FUNCTION chunkq.complete_and_claim(
+    p_chunk_ids bigint[],
+    p_attempts integer[],
+    p_worker_id text DEFAULT NULL,
+    p_limit integer DEFAULT 1,
+    p_job_id bigint DEFAULT NULL,
+    p_lease interval DEFAULT NULL
+) RETURNS SETOF chunkq.job_chunks
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
+-- All or nothing: if any listed chunk is no longer held at its attempt (lease lost,
+-- cancelled, already reported), the call raises that chunk's error as complete_chunk
+-- would and nothing is completed or claimed; the caller then reports one by one.
+DECLARE
+    v_done bigint[];
+    v_moves chunkq._chunk_move[];
+    v_refused record;
+BEGIN
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'claim limit must be between 0 and 1000, got %', coalesce(p_limit::text, 'NULL')
+            USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_chunk_ids IS NULL OR p_attempts IS NULL
+       OR coalesce(cardinality(p_chunk_ids), 0) <> coalesce(cardinality(p_attempts), 0) THEN
+        RAISE EXCEPTION 'chunk ids and attempts must be two arrays of the same length' USING ERRCODE = 'CQ001';
+    END IF;
+    IF array_position(p_chunk_ids, NULL) IS NOT NULL OR array_position(p_attempts, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'every completed chunk needs its id and the attempt its claim returned'
+            USING ERRCODE = 'CQ001';
+    END IF;
+    IF (SELECT count(DISTINCT i) FROM unnest(p_chunk_ids) i) <> cardinality(p_chunk_ids) THEN
+        RAISE EXCEPTION 'a chunk is listed twice' USING ERRCODE = 'CQ001';
+    END IF;
+
+    WITH done AS (
+        UPDATE chunkq.job_chunks c
+           SET status = 'completed', lease_expires_at = NULL, finished_at = now()
+          FROM unnest(p_chunk_ids, p_attempts) AS r(id, attempt)
+         WHERE c.id = r.id AND c.attempt = r.attempt AND c.status = 'processing'
+        RETURNING c.id, c.job_id, c.chunk_index
+    )
+    SELECT coalesce(array_agg(d.id), '{}'),
+           coalesce(array_agg((d.job_id, d.chunk_index, 'processing', 'completed')::chunkq._chunk_move), '{}')
+      INTO v_done, v_moves
+      FROM done d;
+    IF cardinality(v_done) < cardinality(p_chunk_ids) THEN
+        SELECT r.id, r.attempt INTO v_refused
+          FROM unnest(p_chunk_ids, p_attempts) WITH ORDINALITY AS r(id, attempt, n)
+         WHERE r.id <> ALL (v_done)
+         ORDER BY r.n
+         LIMIT 1;
+        PERFORM chunkq._refuse_report(v_refused.id, v_refused.attempt, 'complete');
+    END IF;
+    RETURN QUERY SELECT * FROM chunkq._claim(p_worker_id, p_limit, p_job_id, p_lease, v_moves);
+END $$;
+
+CREATE OR REPLACE FUNCTION chunkq.create_chunks(
+    p_job_id bigint,
+    p_max_images bigint DEFAULT NULL,
+    p_priority integer DEFAULT NULL,
+    p_chunk_size integer DEFAULT NULL
+) RETURNS chunkq.crawl_jobs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_job chunkq.crawl_jobs;
+    v_chunk_size integer;
+    v_priority integer;
+    v_chunks integer;
+    v_slots constant integer := chunkq._counter_slots();
+BEGIN
+    PERFORM chunkq._lock_job(p_job_id);
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
+    END IF;
+    IF v_job.chunked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'crawl job % already has its % chunks', p_job_id, v_job.total_chunks
+            USING ERRCODE = 'CQ005', HINT = 'Each job is chunked once; read its chunks with list_chunks.';
+    END IF;
+    IF v_job.status = 'cancelled' THEN
+        RAISE EXCEPTION 'crawl job % is cancelled', p_job_id USING ERRCODE = 'CQ004';
+    END IF;
+    IF p_max_images IS NOT NULL AND p_max_images <> v_job.max_images THEN
+        RAISE EXCEPTION 'max_images % does not match crawl job %''s max_images %', p_max_images, p_job_id, v_job.max_images
+            USING ERRCODE = 'CQ001';
+    END IF;
+    v_chunk_size := coalesce(p_chunk_size, v_job.chunk_size);
+    v_priority := coalesce(p_priority, v_job.priority);
+    v_chunks := chunkq._validate_shape(v_job.max_images, v_chunk_size);
+    PERFORM chunkq._validate_priority(v_priority);
+
+    INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)
+    SELECT p_job_id, i, i::bigint * v_chunk_size, LEAST((i + 1)::bigint * v_chunk_size, v_job.max_images) - 1, v_priority
+      FROM generate_series(0, v_chunks - 1) AS i;
+
+    -- Slot s counts chunk indexes s, s+16, s+32, ...: ceil((n - s) / 16) of them.
+    INSERT INTO chunkq.job_chunk_counts (job_id, slot, total, pending)
+    SELECT p_job_id, s, (v_chunks - s + v_slots - 1) / v_slots, (v_chunks - s + v_slots - 1) / v_slots
+      FROM generate_series(0, LEAST(v_chunks, v_slots) - 1) AS s;
+
+    UPDATE chunkq.crawl_jobs
+       SET chunk_size = v_chunk_size, priority = v_priority, total_chunks = v_chunks,
+           open_slots = LEAST(v_chunks, v_slots), chunked_at = now()
+     WHERE id = p_job_id
+    RETURNING * INTO v_job;
+    PERFORM chunkq._notify_claimable(p_job_id, v_chunks);
+    RETURN v_job;
+END $$;
+DROP FUNCTION chunkq._refresh_statistics(integer);
+
+DROP FUNCTION chunkq._complete_and_claim(bigint[], integer[], text, integer, bigint, interval);
+
+-- The booking of 0006, which settles every job it touched.
+CREATE OR REPLACE FUNCTION chunkq._apply_chunk_moves(p_moves chunkq._chunk_move[])
+RETURNS TABLE (job bigint, job_status chunkq.job_status, finished boolean)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_slots constant integer := chunkq._counter_slots();
+    v_minute constant timestamptz := date_trunc('minute', now());
+    v_job record;
+BEGIN
+    FOR v_job IN
+        WITH moved AS (
+            SELECT m.job_id, (m.chunk_index % v_slots)::smallint AS slot,
+                   count(*) FILTER (WHERE m.to_status = 'pending') - count(*) FILTER (WHERE m.from_status = 'pending') AS d_pending,
+                   count(*) FILTER (WHERE m.to_status = 'processing') - count(*) FILTER (WHERE m.from_status = 'processing') AS d_processing,
+                   count(*) FILTER (WHERE m.to_status = 'completed') - count(*) FILTER (WHERE m.from_status = 'completed') AS d_completed,
+                   count(*) FILTER (WHERE m.to_status = 'failed') - count(*) FILTER (WHERE m.from_status = 'failed') AS d_failed,
+                   count(*) FILTER (WHERE m.to_status = 'cancelled') - count(*) FILTER (WHERE m.from_status = 'cancelled') AS d_cancelled,
+                   bool_or(m.to_status = 'processing') AS claimed
+              FROM unnest(p_moves) m
+             GROUP BY 1, 2
+        ), locked AS (
+            SELECT k.job_id, k.slot
+              FROM chunkq.job_chunk_counts k
+             WHERE (k.job_id, k.slot) IN (SELECT d.job_id, d.slot FROM moved d)
+             ORDER BY k.job_id, k.slot
+               FOR UPDATE OF k
+        ), counted AS (
+            UPDATE chunkq.job_chunk_counts k
+               SET pending = k.pending + d.d_pending,
+                   processing = k.processing + d.d_processing,
+                   completed = k.completed + d.d_completed,
+                   failed = k.failed + d.d_failed,
+                   cancelled = k.cancelled + d.d_cancelled,
+                   -- Completions per minute, for job_overview's rate: this minute's and the last.
+                   rate_minute = CASE WHEN d.d_completed > 0 THEN v_minute ELSE k.rate_minute END,
+                   completed_this_minute = CASE
+                       WHEN d.d_completed <= 0 THEN k.completed_this_minute
+                       WHEN k.rate_minute = v_minute THEN k.completed_this_minute + d.d_completed
+                       ELSE d.d_completed END,
+                   completed_last_minute = CASE
+                       WHEN d.d_completed <= 0 OR k.rate_minute = v_minute THEN k.completed_last_minute
+                       WHEN k.rate_minute = v_minute - interval '1 minute' THEN k.completed_this_minute
+                       ELSE 0 END
+              FROM moved d JOIN locked l ON l.job_id = d.job_id AND l.slot = d.slot
+             WHERE k.job_id = d.job_id AND k.slot = d.slot
+            RETURNING k.job_id, k.pending + k.processing AS open_after, d.d_pending + d.d_processing AS d_open,
+                      d.claimed
+        )
+        SELECT c.job_id,
+               sum(CASE WHEN c.open_after = 0 AND c.d_open < 0 THEN -1  -- this row closed
+                        WHEN c.open_after > 0 AND c.open_after = c.d_open THEN 1  -- it reopened
+                        ELSE 0 END)::integer AS open_slots_delta,
+               bool_or(c.claimed) AS claimed
+          FROM counted c
+         GROUP BY c.job_id
+         ORDER BY c.job_id
+    LOOP
+        RETURN QUERY SELECT * FROM chunkq._settle_job(v_job.job_id, v_job.open_slots_delta, v_job.claimed);
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION chunkq._apply_chunk_moves(chunkq._chunk_move[]) IS
+    'Internal: books status changes of chunks into job_chunk_counts, one row at a time in (job, slot) order, '
+    'and settles the jobs whose counts opened or closed (_settle_job).';
+
+CREATE OR REPLACE FUNCTION chunkq._reclaim_expired(p_limit integer) RETURNS SETOF chunkq._chunk_move
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+-- Takes back abandoned chunks and records each lapse; the caller books the moves.
+DECLARE
+    v_moves chunkq._chunk_move[];
+    v_pending integer;
+BEGIN
+    -- Nearly always nothing has expired: find that out with one index probe.
+    IF NOT EXISTS (SELECT 1 FROM chunkq.job_chunks c WHERE c.lease_expires_at < now()) THEN
+        RETURN;
+    END IF;
+    WITH expired AS (
+        SELECT c.id, c.attempt, c.worker_id, c.lease_expires_at
+          FROM chunkq.job_chunks c
+         WHERE c.lease_expires_at < now()  -- only processing chunks have a lease
+         ORDER BY c.lease_expires_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    ), reclaimed AS (
+        UPDATE chunkq.job_chunks c
+           SET status = CASE WHEN c.retry_count < j.max_retries THEN 'pending' ELSE 'failed' END::chunkq.chunk_status,
+               retry_count = CASE WHEN c.retry_count < j.max_retries THEN c.retry_count + 1 ELSE c.retry_count END,
+               error_message = format('lease expired at %s: worker %s stopped heartbeating during attempt %s',
+                                      e.lease_expires_at, e.worker_id, e.attempt),
+               lease_expires_at = NULL,
+               available_at = now(),
+               finished_at = CASE WHEN c.retry_count < j.max_retries THEN NULL ELSE now() END
+          FROM expired e, chunkq.crawl_jobs j
+         WHERE c.id = e.id AND j.id = c.job_id
+        RETURNING c.id, c.job_id, c.chunk_index, c.status, c.error_message, e.attempt, e.worker_id
+    ), logged AS (
+        INSERT INTO chunkq.chunk_errors (chunk_id, job_id, attempt, worker_id, error, lease_expired, retried)
+        SELECT r.id, r.job_id, r.attempt, r.worker_id, r.error_message, true, r.status = 'pending'
+          FROM reclaimed r
+    )
+    SELECT coalesce(array_agg((r.job_id, r.chunk_index, 'processing', r.status)::chunkq._chunk_move), '{}')
+      INTO v_moves
+      FROM reclaimed r;
+
+    v_pending := (SELECT count(*) FROM unnest(v_moves) m WHERE m.to_status = 'pending');
+    IF v_pending > 0 THEN
+        PERFORM chunkq._notify_claimable(NULL, v_pending);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_moves);
+END $$;
