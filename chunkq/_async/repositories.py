@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import class_row, dict_row
+from psycopg.rows import dict_row
 
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json
@@ -34,6 +34,7 @@ from ..records import (
     LeaseState,
     QueueDepth,
     QueueStats,
+    record_row,
 )
 from .execute import fetch
 
@@ -65,52 +66,52 @@ class CrawlJobRepository:
             "max_retries": max_retries,
             "chunk_size": chunk_size,
         }
-        rows = await fetch(self.conn, q.CREATE_JOB, params, class_row(CrawlJob))
+        rows = await fetch(self.conn, q.CREATE_JOB, params, record_row(CrawlJob))
         return rows[0]
 
     async def get_by_id(self, job_id: int) -> CrawlJob | None:
-        rows = await fetch(self.conn, q.GET_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        rows = await fetch(self.conn, q.GET_JOB, {"job_id": job_id}, record_row(CrawlJob))
         return rows[0] if rows else None
 
     async def cancel(self, job_id: int) -> CrawlJob:
         """Cancels the job's pending and processing chunks; a no-op for a cancelled job."""
-        rows = await fetch(self.conn, q.CANCEL_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        rows = await fetch(self.conn, q.CANCEL_JOB, {"job_id": job_id}, record_row(CrawlJob))
         return rows[0]
 
     async def progress(self, job_id: int) -> JobProgress:
-        rows = await fetch(self.conn, q.JOB_PROGRESS, {"job_id": job_id}, class_row(JobProgress))
+        rows = await fetch(self.conn, q.JOB_PROGRESS, {"job_id": job_id}, record_row(JobProgress))
         return rows[0]
 
     async def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
         """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
-        return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, class_row(JobOverview))
+        return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, record_row(JobOverview))
 
     async def pause(self, job_id: int) -> CrawlJob:
         """Stops handing out the job's chunks (running ones carry on); a no-op for a paused job."""
-        return (await fetch(self.conn, q.PAUSE_JOB, {"job_id": job_id}, class_row(CrawlJob)))[0]
+        return (await fetch(self.conn, q.PAUSE_JOB, {"job_id": job_id}, record_row(CrawlJob)))[0]
 
     async def resume(self, job_id: int) -> CrawlJob:
         """Lets a paused job's chunks be claimed again; a no-op for a job that is not paused."""
-        return (await fetch(self.conn, q.RESUME_JOB, {"job_id": job_id}, class_row(CrawlJob)))[0]
+        return (await fetch(self.conn, q.RESUME_JOB, {"job_id": job_id}, record_row(CrawlJob)))[0]
 
     async def set_priority(self, job_id: int, priority: int) -> CrawlJob:
         """Gives the job and its unfinished chunks a new priority."""
         params = {"job_id": job_id, "priority": priority}
-        return (await fetch(self.conn, q.SET_JOB_PRIORITY, params, class_row(CrawlJob)))[0]
+        return (await fetch(self.conn, q.SET_JOB_PRIORITY, params, record_row(CrawlJob)))[0]
 
     async def prune(self, older_than: timedelta | str, max_chunks: int = 10_000) -> PruneResult:
         """Deletes jobs finished more than ``older_than`` ago, at most ``max_chunks`` chunks per call."""
         params = {"older_than": older_than, "max_chunks": max_chunks}
-        return (await fetch(self.conn, q.PRUNE_FINISHED_JOBS, params, class_row(PruneResult)))[0]
+        return (await fetch(self.conn, q.PRUNE_FINISHED_JOBS, params, record_row(PruneResult)))[0]
 
     async def error_summary(self, job_id: int) -> JobErrorSummary:
         """How many errors the job's chunks recorded (retried, abandoned) and the latest one."""
-        rows = await fetch(self.conn, q.JOB_ERROR_SUMMARY, {"job_id": job_id}, class_row(JobErrorSummary))
+        rows = await fetch(self.conn, q.JOB_ERROR_SUMMARY, {"job_id": job_id}, record_row(JobErrorSummary))
         return rows[0]
 
     async def delete(self, job_id: int) -> CrawlJob:
         """Deletes a job that is not running, with its chunks; returns the deleted job."""
-        rows = await fetch(self.conn, q.DELETE_JOB, {"job_id": job_id}, class_row(CrawlJob))
+        rows = await fetch(self.conn, q.DELETE_JOB, {"job_id": job_id}, record_row(CrawlJob))
         return rows[0]
 
 
@@ -129,7 +130,7 @@ class JobChunkRepository:
     ) -> CrawlJob:
         """Splits the job into chunks once; returns the job with ``total_chunks`` set."""
         params = {"job_id": job_id, "max_images": max_images, "priority": priority, "chunk_size": chunk_size}
-        rows = await fetch(self.conn, q.CREATE_CHUNKS, params, class_row(CrawlJob))
+        rows = await fetch(self.conn, q.CREATE_CHUNKS, params, record_row(CrawlJob))
         return rows[0]
 
     async def list_for_job(
@@ -137,17 +138,17 @@ class JobChunkRepository:
     ) -> list[JobChunk]:
         """The job's chunks in chunk_index order, optionally only those in one status, at most ``limit``."""
         params = {"job_id": job_id, "status": status, "limit": limit}
-        return await fetch(self.conn, q.LIST_CHUNKS, params, class_row(JobChunk))
+        return await fetch(self.conn, q.LIST_CHUNKS, params, record_row(JobChunk))
 
     async def failed_for_job(self, job_id: int) -> list[JobChunk]:
-        return await fetch(self.conn, q.FAILED_CHUNKS, {"job_id": job_id}, class_row(JobChunk))
+        return await fetch(self.conn, q.FAILED_CHUNKS, {"job_id": job_id}, record_row(JobChunk))
 
     async def get_by_id(self, chunk_id: int) -> JobChunk | None:
-        rows = await fetch(self.conn, q.GET_CHUNK, {"chunk_id": chunk_id}, class_row(JobChunk))
+        rows = await fetch(self.conn, q.GET_CHUNK, {"chunk_id": chunk_id}, record_row(JobChunk))
         return rows[0] if rows else None
 
     async def error_history(self, chunk_id: int) -> list[ChunkError]:
-        return await fetch(self.conn, q.CHUNK_ERROR_HISTORY, {"chunk_id": chunk_id}, class_row(ChunkError))
+        return await fetch(self.conn, q.CHUNK_ERROR_HISTORY, {"chunk_id": chunk_id}, record_row(ChunkError))
 
     async def claim(
         self,
@@ -164,7 +165,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return await fetch(self.conn, q.CLAIM_CHUNKS, params, class_row(JobChunk))
+        return await fetch(self.conn, q.CLAIM_CHUNKS, params, record_row(JobChunk))
 
     async def complete_and_claim(
         self,
@@ -186,7 +187,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return await fetch(self.conn, q.COMPLETE_AND_CLAIM, params, class_row(JobChunk))
+        return await fetch(self.conn, q.COMPLETE_AND_CLAIM, params, record_row(JobChunk))
 
     async def claim_by_id(
         self,
@@ -203,7 +204,7 @@ class JobChunkRepository:
             "lease": interval(lease),
             "task_id": task_id,
         }
-        rows = await fetch(self.conn, q.CLAIM_CHUNK, params, class_row(JobChunk))
+        rows = await fetch(self.conn, q.CLAIM_CHUNK, params, record_row(JobChunk))
         return rows[0]
 
     async def heartbeat(
@@ -216,7 +217,7 @@ class JobChunkRepository:
     ) -> JobChunk:
         """Extends the lease of a chunk this caller holds; LeaseLost if it does not any more."""
         params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id}
-        rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, class_row(JobChunk))
+        rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
         return rows[0]
 
     async def heartbeat_many(
@@ -228,12 +229,12 @@ class JobChunkRepository:
             "attempts": [attempt for _, attempt in held],
             "lease": interval(lease),
         }
-        return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, class_row(LeaseState))
+        return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState))
 
     async def complete(self, chunk_id: int, attempt: int | None) -> ChunkOutcome:
         """Marks the chunk completed. ``attempt=None`` skips the fencing check (operator use)."""
         params = {"chunk_id": chunk_id, "attempt": attempt}
-        rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, class_row(ChunkOutcome))
+        rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome))
         return rows[0]
 
     async def fail(
@@ -256,17 +257,17 @@ class JobChunkRepository:
             "retry": retry,
             "max_retries": max_retries,
         }
-        rows = await fetch(self.conn, q.FAIL_CHUNK, params, class_row(ChunkOutcome))
+        rows = await fetch(self.conn, q.FAIL_CHUNK, params, record_row(ChunkOutcome))
         return rows[0]
 
     async def release(self, chunk_id: int, attempt: int) -> JobChunk:
         """Hands a chunk this caller holds back to pending without counting a retry (shutdown)."""
-        rows = await fetch(self.conn, q.RELEASE_CHUNK, {"chunk_id": chunk_id, "attempt": attempt}, class_row(JobChunk))
+        rows = await fetch(self.conn, q.RELEASE_CHUNK, {"chunk_id": chunk_id, "attempt": attempt}, record_row(JobChunk))
         return rows[0]
 
     async def retry(self, chunk_id: int) -> JobChunk:
         """Puts a failed chunk back to pending with retry_count + 1."""
-        rows = await fetch(self.conn, q.RETRY_CHUNK, {"chunk_id": chunk_id}, class_row(JobChunk))
+        rows = await fetch(self.conn, q.RETRY_CHUNK, {"chunk_id": chunk_id}, record_row(JobChunk))
         return rows[0]
 
     async def retry_failed(self, job_id: int) -> int:
@@ -276,24 +277,24 @@ class JobChunkRepository:
 
     async def stats(self) -> QueueStats:
         """The health of the whole queue (chunkq.queue_stats)."""
-        rows = await fetch(self.conn, q.QUEUE_STATS, {}, class_row(QueueStats))
+        rows = await fetch(self.conn, q.QUEUE_STATS, {}, record_row(QueueStats))
         return rows[0]
 
     async def depth(self) -> list[QueueDepth]:
         """Pending chunks by priority, highest first (chunkq.queue_depth)."""
-        return await fetch(self.conn, q.QUEUE_DEPTH, {}, class_row(QueueDepth))
+        return await fetch(self.conn, q.QUEUE_DEPTH, {}, record_row(QueueDepth))
 
     async def expired_leases(self) -> list[ExpiredLease]:
         """Processing chunks whose worker stopped heartbeating (chunkq.expired_leases)."""
-        return await fetch(self.conn, q.EXPIRED_LEASES, {}, class_row(ExpiredLease))
+        return await fetch(self.conn, q.EXPIRED_LEASES, {}, record_row(ExpiredLease))
 
     async def live_workers(self) -> list[LiveWorker]:
         """Connected workers and the chunks they hold (chunkq.live_workers)."""
-        return await fetch(self.conn, q.LIVE_WORKERS, {}, class_row(LiveWorker))
+        return await fetch(self.conn, q.LIVE_WORKERS, {}, record_row(LiveWorker))
 
     async def failure_summary(self) -> list[FailureKind]:
         """Errors grouped by kind, most frequent first (chunkq.failure_summary)."""
-        return await fetch(self.conn, q.FAILURE_SUMMARY, {}, class_row(FailureKind))
+        return await fetch(self.conn, q.FAILURE_SUMMARY, {}, record_row(FailureKind))
 
     async def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""
