@@ -16,6 +16,7 @@ report (LeaseLost) and the chunk is re-run elsewhere: never lost, never counted 
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -96,7 +97,7 @@ class Worker:
         self.completed: list[tuple[JobChunk, float]] = []
         self.completed_since = 0.0
 
-    @property
+    @functools.cached_property
     def worker_id(self) -> str:
         return f"{self.config.name}:{os.getpid()}"
 
@@ -213,9 +214,12 @@ class Worker:
         return took
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
+        level = logging.INFO if outcome == "completed" else logging.WARNING
+        if not logs.log.isEnabledFor(level):  # --log-level warning: no line per completed chunk, nor its fields
+            return
         logs.event(
             "chunk " + outcome,
-            level=logging.INFO if outcome == "completed" else logging.WARNING,
+            level=level,
             event="chunk", job=chunk.job_id, chunk=chunk.id, index=chunk.chunk_index, attempt=chunk.attempt,
             outcome=outcome, duration_ms=duration_ms, worker=self.worker_id,
             **({"error": error} if error else {}),
