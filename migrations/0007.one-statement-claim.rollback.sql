@@ -186,6 +186,26 @@ BEGIN
     PERFORM chunkq._notify_claimable(p_job_id, v_chunks);
     RETURN v_job;
 END $$;
+CREATE OR REPLACE FUNCTION chunkq._check_chunk_jobs() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_missing bigint;
+BEGIN
+    PERFORM 1 FROM chunkq.crawl_jobs j
+     WHERE j.id IN (SELECT DISTINCT n.job_id FROM new_chunks n)
+     ORDER BY j.id
+       FOR KEY SHARE OF j;
+    SELECT n.job_id INTO v_missing
+      FROM new_chunks n
+     WHERE NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs j WHERE j.id = n.job_id)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert into chunkq.job_chunks refers to crawl job %, which does not exist', v_missing
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+
 DROP FUNCTION chunkq._refresh_statistics(integer);
 
 DROP FUNCTION chunkq._complete_and_claim(bigint[], integer[], text, integer, bigint, interval);
