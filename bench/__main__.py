@@ -36,7 +36,7 @@ import psycopg
 
 from bench import peers
 from bench.ceiling import ceiling_rate
-from bench.common import Summary, bench_database, server_line
+from bench.common import Drain, Summary, bench_database, server_line
 from bench.pool import drain
 from bench.scale import claim_latency, enqueue_rate, grow_to, one_job_versus_many, progress_latency
 from chunkq.embedded import embedded_server
@@ -87,6 +87,13 @@ class Results:
     def __contains__(self, key: tuple[object, ...]) -> bool:
         return key in self.values
 
+    def add_drain(self, key: tuple[object, ...], drain: Drain) -> None:
+        """A drain's rate under ``key``, its CPU per job under ("cpu worker", *key), ("cpu postgres", *key)."""
+        self.add(key, drain.rate)
+        self.add(("cpu worker", *key), drain.worker_cpu_ms)
+        if drain.postgres_cpu_ms is not None:
+            self.add(("cpu postgres", *key), drain.postgres_cpu_ms)
+
 
 def processes(n: int) -> str:
     return f"{n} process" + ("es" if n > 1 else "")
@@ -109,13 +116,13 @@ def throughput(admin: str, plan: Plan, with_peers: bool, results: Results) -> No
                     results.add(("ceiling", batch, clients), ceiling_rate(dsn, conn, batch, clients, plan.chunks))
                 for processes in plan.processes:
                     run = drain(dsn, conn, processes, batch, plan.chunks)
-                    results.add(("pool", batch, processes), run.rate)
+                    results.add_drain(("pool", batch, processes), run.drain)
                     results.add(("supervisor MB",), run.supervisor_mb)
                     results.add(("worker MB",), run.worker_mb)
             if with_peers:
                 for batch in PGQUEUER_BATCHES:
-                    results.add(("pgqueuer", batch), peers.drain_rate("pgqueuer", admin, plan.chunks, batch))
-                results.add(("procrastinate",), peers.drain_rate("procrastinate", admin, plan.chunks))
+                    results.add_drain(("pgqueuer", batch), peers.drain_rate("pgqueuer", admin, plan.chunks, batch))
+                results.add_drain(("procrastinate",), peers.drain_rate("procrastinate", admin, plan.chunks))
 
 
 def enqueue(admin: str, plan: Plan, with_peers: bool, results: Results) -> None:
@@ -157,17 +164,22 @@ def report(plan: Plan, with_peers: bool, r: Results) -> None:
           ["chunks per claim", "clients / processes", "pgbench ceiling", "chunkq pool", "pool / ceiling"], rows)
 
     best = max((r.median(("pool", b, n)), b, n) for b in BATCHES[1:] for n in plan.processes)
+    versions = peers.peer_versions() if with_peers else {}
+    drained: list[tuple[str, tuple[object, ...]]] = [
+        (f"chunkq pool, batches of {b}, {processes(n)}", ("pool", b, n)) for b in BATCHES for n in plan.processes]
     if with_peers:
-        versions = peers.peer_versions()
-        drained = [(f"chunkq pool, batches of {b}, {processes(n)}", r[("pool", b, n)])
-                   for b in BATCHES[1:] for n in plan.processes]
-        drained += [(f"pgqueuer {versions['pgqueuer']}, batches of {b}, {processes(peers.PROCESSES)}",
-                     r[("pgqueuer", b)]) for b in PGQUEUER_BATCHES]
+        drained += [(f"pgqueuer {versions['pgqueuer']}, batches of {b}, {processes(peers.PROCESSES)}", ("pgqueuer", b))
+                    for b in PGQUEUER_BATCHES]
         drained += [(f"procrastinate {versions['procrastinate']}, {processes(peers.PROCESSES)}"
-                     f" × concurrency {peers.CONCURRENCY}", r[("procrastinate",)])]
-        table(f"Peers: {plan.chunks:,} no-op jobs drained, jobs per second",
-              ["system", "jobs/s", "best chunkq / this"],
-              [[name, f"{rate}", f"{best[0] / rate.median:.2f}"] for name, rate in drained])
+                     f" × concurrency {peers.CONCURRENCY}", ("procrastinate",))]
+
+    def cpu(kind: str, key: tuple[object, ...]) -> str:
+        return f"{r[(kind, *key)]:.3f}" if (kind, *key) in r else "n/a"
+
+    table(f"Drains: {plan.chunks:,} no-op jobs (chunks) per run; CPU per job from the enqueue to the empty queue",
+          ["system", "jobs/s", "best batched chunkq / this", "worker CPU ms/job", "Postgres CPU ms/job"],
+          [[name, f"{r[key]}", f"{best[0] / r.median(key):.2f}", cpu("cpu worker", key), cpu("cpu postgres", key)]
+           for name, key in drained])
 
     systems = ["chunkq", *(peers.PEERS if with_peers else ())]
     table("Enqueue: chunks (jobs) created per second, bulk",

@@ -31,11 +31,17 @@ def script(batch: int) -> str:
     return SINGLE if batch == 1 else BATCH.format(size=batch)
 
 
-def fresh_chunks(conn: psycopg.Connection, chunks: int) -> int:
-    """A new job of ``chunks`` one-image chunks, after a VACUUM; its id."""
+def fresh_job(conn: psycopg.Connection, chunks: int) -> int:
+    """A new job of ``chunks`` one-image chunks, not yet split, after a VACUUM; its id."""
     conn.execute("VACUUM ANALYZE chunkq.job_chunks")
     conn.execute("VACUUM ANALYZE chunkq.job_chunk_counts")
     job_id: int = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)", (chunks,))[0]
+    return job_id
+
+
+def fresh_chunks(conn: psycopg.Connection, chunks: int) -> int:
+    """A new job of ``chunks`` one-image chunks, after a VACUUM; its id."""
+    job_id = fresh_job(conn, chunks)
     conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
     return job_id
 

@@ -96,6 +96,87 @@ def pgbench(dsn: str, script: str, clients: int, transactions: int) -> float:
     return float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU seconds each of the given processes has used so far (Linux /proc; a process
+    that is gone is left out)."""
+    seconds = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return seconds
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid``."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def postgres_pids(conn: psycopg.Connection[Any]) -> list[int] | None:
+    """Every process of the server, if it runs on this machine (its backend for ``conn`` is in /proc);
+    None for a remote server, whose CPU cannot be read from here."""
+    backend = one(conn, "SELECT pg_backend_pid()")[0]
+    if not Path(f"/proc/{backend}").exists():
+        return None
+    postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+    return [postmaster, *children(postmaster)]
+
+
+def wait_for_connections(conn: psycopg.Connection[Any], at_least: int, timeout: float = 60.0) -> None:
+    """Waits until ``at_least`` other sessions are connected to conn's database and their number has
+    held still for a second: the workers have started, connected and are waiting for work."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = one(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND pid <> pg_backend_pid()")[0]
+        if count != last:
+            last, since = count, time.monotonic()
+        elif count >= at_least and time.monotonic() - since >= 1.0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the workers did not connect: {last} sessions after {timeout:.0f} s, wanted {at_least}")
+
+
+@dataclass(frozen=True)
+class Drain:
+    """One drain of a queue by a system's workers: what it measured."""
+
+    rate: float  # jobs (chunks) per second, first claim to last completion, from the system's own records
+    worker_cpu_ms: float  # CPU of the worker processes per job, from the enqueue to the queue empty
+    postgres_cpu_ms: float | None  # CPU of the whole server per job over the same span (None: remote server)
+
+
+class CpuMeter:
+    """CPU of the worker processes and of the whole server between start() and stop(), process by
+    process (a process started meanwhile counts from 0; one that exited meanwhile is missed)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], workers: Callable[[], list[int]]) -> None:
+        self.conn, self.workers = conn, workers
+        self.local_server = postgres_pids(conn) is not None
+
+    def _read(self) -> tuple[dict[int, float], dict[int, float]]:
+        server = postgres_pids(self.conn) if self.local_server else None
+        return cpu_seconds(self.workers()), cpu_seconds(server or [])
+
+    def start(self) -> None:
+        self.before = self._read()
+
+    def stop(self, rate: float, jobs: int) -> Drain:
+        worker, server = (sum(now - then.get(pid, 0.0) for pid, now in after.items())
+                          for after, then in zip(self._read(), self.before))
+        return Drain(rate, worker / jobs * 1000, server / jobs * 1000 if self.local_server else None)
+
+
 @dataclass(frozen=True)
 class Summary:
     """Median, min and max of repeated measurements."""

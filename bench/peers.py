@@ -6,11 +6,12 @@ Each measurement gets a fresh database on the server of the admin DSN, with the
 peer's own schema, dropped afterwards. Server settings are left as they are
 (durable commits), the same for every system.
 
-drain_rate: ``jobs`` no-op jobs are bulk-enqueued (not timed), then two worker
-processes run the peer at its documented settings for two cores until the queue
-is empty, and the rate is taken from the peer's own records, first claim to last
-completion, as bench.pool does for chunkq: interpreter start-up and
-shutdown are left out for every system alike.
+drain_rate: two worker processes run the peer at its documented settings for two
+cores; once they are connected and waiting, ``jobs`` no-op jobs are bulk-enqueued
+in one call, and the workers empty the queue. The rate is taken from the peer's
+own records, first claim to last completion, as bench.pool does for chunkq:
+interpreter start-up and shutdown are left out for every system alike. CPU of
+the worker processes and of the server is counted from the enqueue to the empty queue.
 
 - PGQueuer: ``pgqueuer.run``, what ``pgq run`` runs (on uvloop, as ``pgq run``
   does), a QueueManager on one psycopg 3 async connection, batch size 10,
@@ -38,13 +39,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+
+from bench.common import CpuMeter, Drain, wait_for_connections
 
 if TYPE_CHECKING:
     import procrastinate
@@ -98,33 +101,39 @@ def peer_versions() -> dict[str, str]:
         raise RuntimeError(f"{exc.name} is not installed: pip install -e '.[bench]'") from exc
 
 
-def drain_rate(peer: str, admin_dsn: str, jobs: int, batch: int | None = None) -> float:
-    """Jobs/s of PROCESSES worker processes emptying a queue of ``jobs`` no-op jobs; ``batch`` is
-    PGQueuer's batch size (default PGQUEUER_BATCH)."""
+def drain_rate(peer: str, admin_dsn: str, jobs: int, batch: int | None = None) -> Drain:
+    """PROCESSES worker processes emptying a queue of ``jobs`` no-op jobs: jobs/s and CPU per job;
+    ``batch`` is PGQueuer's batch size (default PGQUEUER_BATCH)."""
     with fresh_database(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn, \
             tempfile.TemporaryFile() as log:
-        asyncio.run(prepare(peer, dsn, jobs))
+        asyncio.run(INSTALL[peer](dsn))
         env = {**os.environ, DSN_ENV: dsn, "PEERS_PGQUEUER_BATCH": str(batch or PGQUEUER_BATCH)}
         workers = [subprocess.Popen(WORKER_COMMANDS[peer], cwd=ROOT, env=env,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                    for _ in range(PROCESSES)]
+        meter = CpuMeter(conn, lambda: [w.pid for w in workers])
         try:
+            wait_for_connections(conn, PROCESSES)
+            meter.start()
+            asyncio.run(ENQUEUE[peer](dsn, jobs))
             while one_row(conn, REMAINING[peer])[0]:
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError(f"a {peer} worker exited early:\n{tail(log)}")
                 time.sleep(0.2)
+            done, seconds = one_row(conn, DONE_SPAN[peer])
+            measured = meter.stop(jobs / float(seconds), jobs)
         finally:
             stop(workers)
-        done, seconds = one_row(conn, DONE_SPAN[peer])
     if done != jobs:
         raise RuntimeError(f"{peer}: {done} of {jobs} jobs succeeded")
-    return jobs / float(seconds)
+    return measured
 
 
 def enqueue_rate(peer: str, admin_dsn: str, jobs: int) -> float:
-    """Jobs/s of one bulk-enqueue call of ``jobs`` no-op jobs."""
+    """Jobs/s of one bulk-enqueue call of ``jobs`` no-op jobs (schema and connection set up beforehand)."""
     with fresh_database(admin_dsn) as dsn:
-        return jobs / asyncio.run(prepare(peer, dsn, jobs))
+        asyncio.run(INSTALL[peer](dsn))
+        return jobs / asyncio.run(ENQUEUE[peer](dsn, jobs))
 
 
 @contextlib.contextmanager
@@ -164,12 +173,7 @@ def tail(log: IO[bytes]) -> str:
     return log.read().decode(errors="replace")[-2000:]
 
 
-async def prepare(peer: str, dsn: str, jobs: int) -> float:
-    """Installs the peer's schema and bulk-enqueues ``jobs`` no-op jobs; returns the seconds of the enqueue alone."""
-    return await {"pgqueuer": prepare_pgqueuer, "procrastinate": prepare_procrastinate}[peer](dsn, jobs)
-
-
-async def prepare_pgqueuer(dsn: str, jobs: int) -> float:
+async def install_pgqueuer(dsn: str) -> None:
     from pgqueuer import Queries
     from pgqueuer.db import PsycopgDriver
 
@@ -177,18 +181,39 @@ async def prepare_pgqueuer(dsn: str, jobs: int) -> float:
         queries = Queries(PsycopgDriver(conn))
         await queries.install()  # what `pgq install` runs (durable tables, the default)
         await queries.optimize_autovacuum()  # what `pgq autovac` runs
+
+
+async def enqueue_pgqueuer(dsn: str, jobs: int) -> float:
+    """Bulk-enqueues ``jobs`` no-op jobs; the seconds the call took."""
+    from pgqueuer import Queries
+    from pgqueuer.db import PsycopgDriver
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        queries = Queries(PsycopgDriver(conn))
         start = time.perf_counter()
         await queries.enqueue([NOOP] * jobs, [None] * jobs, [0] * jobs)
         return time.perf_counter() - start
 
 
-async def prepare_procrastinate(dsn: str, jobs: int) -> float:
+async def install_procrastinate(dsn: str) -> None:
     app = procrastinate_app_for(dsn)
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
+
+
+async def enqueue_procrastinate(dsn: str, jobs: int) -> float:
+    """Bulk-enqueues ``jobs`` no-op jobs; the seconds the call took."""
+    app = procrastinate_app_for(dsn)
+    async with app.open_async():
         start = time.perf_counter()
         await app.tasks[NOOP].batch_defer_async(*({} for _ in range(jobs)))
         return time.perf_counter() - start
+
+
+INSTALL: dict[str, Callable[[str], Coroutine[Any, Any, None]]] = {
+    "pgqueuer": install_pgqueuer, "procrastinate": install_procrastinate}
+ENQUEUE: dict[str, Callable[[str, int], Coroutine[Any, Any, float]]] = {
+    "pgqueuer": enqueue_pgqueuer, "procrastinate": enqueue_procrastinate}
 
 
 # What the worker processes load.
@@ -242,7 +267,7 @@ def main() -> None:
     for peer in PEERS:
         drain = drain_rate(peer, args.dsn, args.jobs)
         enqueue = enqueue_rate(peer, args.dsn, args.jobs)
-        print(f"{peer + ' ' + versions[peer]:<22} | {drain:>8,.0f} | {enqueue:>8,.0f}")
+        print(f"{peer + ' ' + versions[peer]:<22} | {drain.rate:>8,.0f} | {enqueue:>8,.0f}")
 
 
 if __name__ == "__main__":

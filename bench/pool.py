@@ -1,9 +1,12 @@
-"""chunkq end to end: the worker pool (python -m workers) draining pre-created chunks with a no-op handler.
+"""chunkq end to end: the worker pool (python -m workers) draining chunks with a no-op handler.
 
-Timed like the peers in bench/peers.py, from the queue's own records: first
-claim to last completion (claimed_at, finished_at), so that interpreter start-up
-is left out for every system alike. Meanwhile the resident memory of the
-supervisor and of each worker process is sampled from /proc (Linux).
+The pool starts first, on an empty job; once its workers are connected and
+waiting, create_chunks adds the whole backlog in one transaction and its NOTIFY
+wakes them. The rate comes from the queue's own records, first claim to last
+completion (claimed_at, finished_at), as bench/peers.py does for the peers, so
+interpreter start-up counts for no system. CPU of the pool's processes and of
+the server is counted from create_chunks to the empty queue; the resident memory
+of the supervisor and of each worker process is sampled from /proc (Linux).
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ from pathlib import Path
 
 import psycopg
 
-from bench.ceiling import fresh_chunks
-from bench.common import one
+from bench.ceiling import fresh_job
+from bench.common import CpuMeter, Drain, children, one, wait_for_connections
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class Drain:
-    rate: float  # chunks/s
+class PoolDrain:
+    drain: Drain
     supervisor_mb: float  # peak resident memory
     worker_mb: float  # peak resident memory of the largest worker
 
@@ -42,15 +45,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int) -> Drain:
-    job_id = fresh_chunks(conn, chunks)
+def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int) -> PoolDrain:
+    job_id = fresh_job(conn, chunks)
     peak = {"supervisor": 0.0, "worker": 0.0}
     done = threading.Event()
     with tempfile.TemporaryFile() as log:
@@ -67,16 +63,21 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        meter = CpuMeter(conn, lambda: [pool.pid, *children(pool.pid)])
         try:
+            wait_for_connections(conn, processes + 1)  # the workers and the supervisor's LISTEN
+            meter.start()
+            conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
             while one(conn, "SELECT pending_chunks + processing_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]:
                 if pool.poll() is not None:
                     log.seek(0)
                     raise RuntimeError(f"the pool exited early:\n{log.read().decode()[-2000:]}")
                 time.sleep(0.05)
+            seconds = one(conn, "SELECT extract(epoch FROM max(finished_at) - min(claimed_at)) FROM chunkq.job_chunks"
+                                " WHERE job_id = %s", (job_id,))[0]
+            measured = meter.stop(chunks / float(seconds), chunks)
         finally:
             done.set()
             pool.send_signal(signal.SIGTERM)
             pool.wait(60)
-    seconds = one(conn, "SELECT extract(epoch FROM max(finished_at) - min(claimed_at)) FROM chunkq.job_chunks"
-                        " WHERE job_id = %s", (job_id,))[0]
-    return Drain(chunks / float(seconds), peak["supervisor"], peak["worker"])
+    return PoolDrain(measured, peak["supervisor"], peak["worker"])

@@ -1,0 +1,81 @@
+"""Server CPU of the worker's call, complete_and_claim, on this schema and on the one before it.
+
+    python -m bench.hot_path [--dsn DSN] [--calls 2000] [--repeats 5]
+
+Two fresh databases on the same (local) server: one migrated to the newest
+schema, one rolled back by one migration. In each, one connection completes the
+chunk it holds and claims the next, ``--calls`` times, through the client
+(JobChunkRepository.complete_and_claim), with one chunk and then 100 per call, on
+a job just created, then again with the table analyzed by hand after creating it.
+The CPU its backend used is read from /proc, so the server must run on this
+machine (the embedded one does). Repeats alternate between the two databases;
+the table shows medians, min-max and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import psycopg
+
+import chunkq
+from bench.common import Summary, bench_database, cpu_seconds, one, parser, server_line
+from bench.scale import allow_chunks_per_job, new_job
+from chunkq.sync import JobChunkRepository
+
+BATCHES = (1, 100)
+#: As a user gets it (the job just created), then with the table analyzed by hand:
+#: the second leaves out what 0007 changed about plans made on stale statistics.
+CASES = ((1, False), (100, False), (1, True), (100, True))
+
+
+def cpu_per_chunk(conn: psycopg.Connection, batch: int, calls: int, analyze: bool) -> float:
+    """Microseconds of backend CPU per chunk over ``calls`` complete_and_claim calls of ``batch`` chunks,
+    on a job just created (and, with ``analyze``, the table analyzed after it)."""
+    allow_chunks_per_job(conn, batch * (calls + 1))
+    job_id = new_job(conn, batch * (calls + 1), chunk_size=1)
+    if analyze:
+        conn.execute("ANALYZE chunkq.job_chunks")
+    chunks = JobChunkRepository(conn)
+    backend = one(conn, "SELECT pg_backend_pid()")[0]
+    held = chunks.complete_and_claim([], "bench", limit=batch, job_id=job_id)
+    before = cpu_seconds([backend])[backend]
+    for _ in range(calls):
+        held = chunks.complete_and_claim([(c.id, c.attempt) for c in held], "bench", limit=batch, job_id=job_id)
+    return (cpu_seconds([backend])[backend] - before) / (calls * batch) * 1e6
+
+
+def main() -> None:
+    p = parser("server CPU of complete_and_claim, this schema against the one before")
+    p.add_argument("--calls", type=int, default=2000)
+    p.set_defaults(repeats=5)
+    args = p.parse_args()
+    samples: dict[tuple[str, int], list[float]] = {}
+    with ExitStack() as stack:
+        newest = stack.enter_context(bench_database(args.dsn))
+        previous = stack.enter_context(bench_database(args.dsn))
+        (newest_migration,) = chunkq.rollback(previous, steps=1)
+        before_last = f"before {newest_migration}"
+        print(server_line(newest))
+        schemas = {"newest": newest, before_last: previous}
+        for _ in range(args.repeats):
+            for name, dsn in schemas.items():
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("TRUNCATE chunkq.crawl_jobs, chunkq.job_chunks, chunkq.job_chunk_counts,"
+                                 " chunkq.chunk_errors")
+                    for batch, analyze in CASES:
+                        value = cpu_per_chunk(conn, batch, args.calls // batch * (10 if batch > 1 else 1), analyze)
+                        samples.setdefault((name, batch, analyze), []).append(value)
+                        print(f"    {name} batch {batch}{' analyzed' if analyze else ''}: {value:.0f} us/chunk",
+                              flush=True)
+    print(f"\n| chunks per call | table | newest schema, us/chunk | {before_last}, us/chunk | newest / older |")
+    print("|---|---|---:|---:|---:|")
+    for batch, analyze in CASES:
+        new = Summary.of(samples[("newest", batch, analyze)])
+        old = Summary.of(samples[(before_last, batch, analyze)])
+        table = "analyzed by hand" if analyze else "as create_chunks left it"
+        print(f"| {batch} | {table} | {new:,.0f} | {old:,.0f} | {new.median / old.median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
