@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2000)
     p.set_defaults(repeats=5)
     args = p.parse_args()
-    samples: dict[tuple[str, int], list[float]] = {}
+    samples: dict[tuple[str, int, bool], list[float]] = {}
     with ExitStack() as stack:
         newest = stack.enter_context(bench_database(args.dsn))
         previous = stack.enter_context(bench_database(args.dsn))
