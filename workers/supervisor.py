@@ -158,7 +158,9 @@ class Supervisor:
 
     def drained(self) -> int:
         codes = {slot.index: slot.process.exitcode for slot in self.slots if slot.process is not None}
-        clean = all(code == 0 for code in codes.values())
+        # Killed by SIGTERM itself: the worker was still starting, before it set its handler and
+        # so before it connected; it held nothing and stopped as cleanly as one that drained.
+        clean = all(code in (0, -signal.SIGTERM) for code in codes.values())
         logs.event("pool stopped" if clean else "pool stopped, not all workers drained cleanly",
                    level=logging.INFO if clean else logging.WARNING, exit_codes=codes)
         return 0 if clean else 1

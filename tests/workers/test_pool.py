@@ -113,6 +113,17 @@ def processing(dsn: str) -> int:
     return progress(dsn).get("processing", 0)
 
 
+def test_sigterm_while_workers_are_still_starting_is_a_clean_stop(dsn, conn, start_pool):
+    new_job(conn, 500 * 4)
+    pool = start_pool(*NOOP, "--processes", "2")
+    # The supervisor has started both workers; they are still importing, before their SIGTERM handler.
+    wait_until(lambda: pool.text().count("worker process started") == 2, 30, "two workers started")
+    pool.signal(signal.SIGTERM)
+    assert pool.wait(30) == 0
+    assert any(line["message"] == "pool stopped" for line in pool.lines())
+    assert progress(dsn).get("processing", 0) == 0
+
+
 def test_sigterm_lets_running_chunks_finish(dsn, conn, start_pool):
     new_job(conn, 500 * 10)
     pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", "--grace", "20",
