@@ -58,14 +58,14 @@ def test_create_chunks_does_not_wait_for_a_vacuum_to_analyze(conn, dsn):
 
 
 def test_the_reclaim_does_not_scan_the_table_when_the_statistics_expect_expired_leases(conn):
-    new_job(conn, 500 * 2000)
+    job_id = new_job(conn, 500 * 2000)
     for _ in range(2):
         conn.execute("SELECT count(*) FROM chunkq.claim_chunks('w', 1000, NULL, interval '1 millisecond')")
     time.sleep(0.05)
     conn.execute("ANALYZE chunkq.job_chunks")  # the statistics now say: 2,000 leases, all of them past
     while conn.execute("SELECT chunkq.reclaim_expired_chunks(1000)").fetchone() != (0,):
         pass
-    assert statuses(conn, 1) == {"pending": 2000}
+    assert statuses(conn, job_id) == {"pending": 2000}
     scans_before, _ = table_stats(conn)
     for _ in range(20):
         assert conn.execute("SELECT chunkq.reclaim_expired_chunks()").fetchone() == (0,)
