@@ -20,7 +20,7 @@ import time
 
 import psycopg
 
-from bench.common import bench_database, one, parser, pgbench, server_line
+from bench.common import bench_database, new_job, one, parser, pgbench, server_line
 from chunkq.embedded import embedded_server
 
 SCRIPT = """\
@@ -54,9 +54,7 @@ def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clien
     with bench_database(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement)
-        conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = greatest(max_chunks_per_job, %s)", (cycles,))
-        job = one(conn, "SELECT id FROM chunkq.create_job(1, 'bloat', '[]', %s, NULL, NULL, 1)", (cycles,))[0]
-        conn.execute("SELECT chunkq.create_chunks(%s)", (job,))
+        new_job(conn, cycles, chunk_size=1)
         peak = {"job_chunks": 0, "job_chunk_counts": 0}
         done = threading.Event()
 

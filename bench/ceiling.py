@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import psycopg
 
-from bench.common import one, pgbench
+from bench.common import new_job, pgbench, vacuum_queue
 
 SINGLE = """\
 SELECT id, attempt FROM chunkq.claim_chunks('pgbench', 1) \\gset
@@ -31,22 +31,8 @@ def script(batch: int) -> str:
     return SINGLE if batch == 1 else BATCH.format(size=batch)
 
 
-def fresh_job(conn: psycopg.Connection, chunks: int) -> int:
-    """A new job of ``chunks`` one-image chunks, not yet split, after a VACUUM; its id."""
-    conn.execute("VACUUM ANALYZE chunkq.job_chunks")
-    conn.execute("VACUUM ANALYZE chunkq.job_chunk_counts")
-    job_id: int = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)", (chunks,))[0]
-    return job_id
-
-
-def fresh_chunks(conn: psycopg.Connection, chunks: int) -> int:
-    """A new job of ``chunks`` one-image chunks, after a VACUUM; its id."""
-    job_id = fresh_job(conn, chunks)
-    conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
-    return job_id
-
-
 def ceiling_rate(dsn: str, conn: psycopg.Connection, batch: int, clients: int, chunks: int) -> float:
     """Chunks/s pgbench claims and completes, ``batch`` per claim, with ``clients`` connections."""
-    fresh_chunks(conn, chunks)
+    vacuum_queue(conn)
+    new_job(conn, chunks, chunk_size=1)
     return pgbench(dsn, script(batch), clients, chunks // batch) * batch

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import chunkq
 from chunkq.embedded import embedded_server
+from chunkq.sync import CrawlJobRepository, JobChunkRepository
 from chunkq.testing import TemplateDatabases
 
 
@@ -56,6 +57,28 @@ def one(conn: psycopg.Connection[Any], query: str, params: Sequence[object] = ()
     if row is None:
         raise LookupError(f"no row from {query}")
     return row
+
+
+def allow_chunks_per_job(conn: psycopg.Connection[Any], chunks: int) -> None:
+    """Raises the deployment's guard against absurdly large jobs (a documented setting) if needed."""
+    conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = %s WHERE max_chunks_per_job < %s", (chunks, chunks))
+
+
+def new_job(conn: psycopg.Connection[Any], chunks: int, chunk_size: int, *, split: bool = True) -> int:
+    """A job of ``chunks`` chunks of ``chunk_size`` images, through the client API; split into its
+    chunks unless ``split`` is false (then ``JobChunkRepository.create_for_job`` does it later). Its id."""
+    allow_chunks_per_job(conn, chunks)
+    job = CrawlJobRepository(conn).create(project_id=1, name="bench", max_images=chunks * chunk_size,
+                                          chunk_size=chunk_size)
+    if split:
+        JobChunkRepository(conn).create_for_job(job.id)
+    return job.id
+
+
+def vacuum_queue(conn: psycopg.Connection[Any]) -> None:
+    """VACUUM ANALYZE of both queue tables, so that one measurement does not pay for the last one's dead rows."""
+    conn.execute("VACUUM ANALYZE chunkq.job_chunks")
+    conn.execute("VACUUM ANALYZE chunkq.job_chunk_counts")
 
 
 def server_line(dsn: str) -> str:

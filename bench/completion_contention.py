@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import bench_database, one, parser, server_line
+from bench.common import bench_database, new_job, parser, server_line
 
 
 def complete_all(dsn: str, work: list[tuple[int, int]], barrier: Any, results: Any) -> None:
@@ -37,9 +37,7 @@ def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple
     """``jobs`` jobs sharing ``chunks`` chunks, all claimed; returns per-job lists of (chunk, attempt)."""
     per_job = []
     for _ in range(jobs):
-        job_id = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)",
-                     (chunks // jobs,))[0]
-        conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+        job_id = new_job(conn, chunks // jobs, chunk_size=1)
         claimed = []
         while batch := conn.execute(
             "SELECT id, attempt FROM chunkq.claim_chunks('bench', 1000, %s, interval '1 hour')", (job_id,)

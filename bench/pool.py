@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psycopg
 
-from bench.ceiling import fresh_job
-from bench.common import CpuMeter, Drain, children, one, wait_for_connections
+from bench.common import CpuMeter, Drain, children, new_job, one, vacuum_queue, wait_for_connections
+from chunkq.sync import JobChunkRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,8 @@ def rss_mb(pid: int) -> float:
 
 
 def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int) -> PoolDrain:
-    job_id = fresh_job(conn, chunks)
+    vacuum_queue(conn)
+    job_id = new_job(conn, chunks, chunk_size=1, split=False)
     peak = {"supervisor": 0.0, "worker": 0.0}
     done = threading.Event()
     with tempfile.TemporaryFile() as log:
@@ -67,7 +68,7 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
         try:
             wait_for_connections(conn, processes + 1)  # the workers and the supervisor's LISTEN
             meter.start()
-            conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+            JobChunkRepository(conn).create_for_job(job_id)
             while one(conn, "SELECT pending_chunks + processing_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]:
                 if pool.poll() is not None:
                     log.seek(0)

@@ -12,7 +12,7 @@ import time
 
 import psycopg
 
-from bench.common import bench_database, median_ms, one, parser, server_line
+from bench.common import bench_database, median_ms, new_job, one, parser, server_line
 from chunkq.sync import JobChunkRepository
 
 COUNT_QUERY = "SELECT status, count(*) FROM chunkq.job_chunks WHERE job_id = %s GROUP BY status"
@@ -36,10 +36,9 @@ def main() -> None:
     args = p.parse_args()
     with bench_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         print(server_line(dsn))
-        conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = greatest(max_chunks_per_job, %s)", (args.chunks,))
-        job_id = one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s)", (args.chunks * 500,))[0]
+        job_id = new_job(conn, args.chunks, chunk_size=500, split=False)
         start = time.perf_counter()
-        conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+        JobChunkRepository(conn).create_for_job(job_id)
         created = time.perf_counter() - start
         print(f"create_chunks: {args.chunks:,} chunks in {created:.2f} s ({args.chunks / created:,.0f} chunks/s)")
         conn.execute("VACUUM ANALYZE chunkq.job_chunks")

@@ -16,49 +16,36 @@ import time
 
 import psycopg
 
-from bench.common import median_ms, one
+from bench.common import allow_chunks_per_job, median_ms, new_job, one
 from bench.completion_contention import prepare, run
 from bench.progress import advance_to
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
 FILLER_JOB = 1_000_000  # chunks per filler job
-
-
-def allow_chunks_per_job(conn: psycopg.Connection, chunks: int) -> None:
-    """Raises the deployment's guard against absurdly large jobs (a documented setting) if needed."""
-    conn.execute("UPDATE chunkq.settings SET max_chunks_per_job = greatest(max_chunks_per_job, %s)", (chunks,))
-
-
-def new_job(conn: psycopg.Connection, chunks: int, chunk_size: int = 500) -> int:
-    """A job of ``chunks`` chunks, through the client API; returns its id."""
-    job = CrawlJobRepository(conn).create(project_id=1, name="bench", max_images=chunks * chunk_size,
-                                          chunk_size=chunk_size)
-    JobChunkRepository(conn).create_for_job(job.id)
-    return job.id
+IMAGES_PER_CHUNK = 500  # the crawler's chunk
 
 
 def enqueue_rate(conn: psycopg.Connection, chunks: int) -> float:
     """Chunks/s of create_job + create_chunks for one job of ``chunks`` chunks."""
-    allow_chunks_per_job(conn, chunks)
+    allow_chunks_per_job(conn, chunks)  # before the clock; new_job's own check then writes nothing
     start = time.perf_counter()
-    new_job(conn, chunks)
+    new_job(conn, chunks, IMAGES_PER_CHUNK)
     return chunks / (time.perf_counter() - start)
 
 
 def grow_to(conn: psycopg.Connection, rows: int) -> None:
     """Adds cancelled filler jobs until job_chunks holds about ``rows`` rows."""
-    allow_chunks_per_job(conn, FILLER_JOB)
     have: int = one(conn, "SELECT count(*) FROM chunkq.job_chunks")[0]
     while have < rows:
         chunks = min(FILLER_JOB, rows - have)
-        CrawlJobRepository(conn).cancel(new_job(conn, chunks))
+        CrawlJobRepository(conn).cancel(new_job(conn, chunks, IMAGES_PER_CHUNK))
         have += chunks
     conn.execute("VACUUM ANALYZE chunkq.job_chunks")
 
 
 def claim_latency(conn: psycopg.Connection, claims: int) -> tuple[float, float]:
     """p50 and p99 in ms of claim_chunks(1) from one connection, on a live job; each chunk is then completed."""
-    job_id = new_job(conn, claims)
+    job_id = new_job(conn, claims, IMAGES_PER_CHUNK)
     chunks = JobChunkRepository(conn)
     samples = []
     for _ in range(claims):
@@ -73,8 +60,7 @@ def claim_latency(conn: psycopg.Connection, claims: int) -> tuple[float, float]:
 
 def progress_latency(conn: psycopg.Connection, chunks: int) -> dict[float, float]:
     """Median ms of job_progress on a job of ``chunks`` chunks at 0 %, 50 % and 99 % completed."""
-    allow_chunks_per_job(conn, chunks)
-    job_id = new_job(conn, chunks)
+    job_id = new_job(conn, chunks, IMAGES_PER_CHUNK)
     latency = {}
     for fraction in (0.0, 0.5, 0.99):
         advance_to(conn, job_id, fraction, chunks)
