@@ -9,11 +9,9 @@ docs/benchmarks.md, next to bench/ceiling.py's pgbench on chunkq's own functions
 
 from __future__ import annotations
 
-import statistics
-
 import psycopg
 
-from bench.common import bench_database, parser, pgbench, server_line
+from bench.common import Summary, bench_database, parser, pgbench, server_line
 
 SETUP = """
 CREATE TABLE bare_queue (id bigserial PRIMARY KEY, status text NOT NULL DEFAULT 'pending', worker text,
@@ -41,8 +39,7 @@ def main() -> None:
                              (args.rows,))
                 conn.execute("VACUUM ANALYZE bare_queue")
                 rates.append(pgbench(dsn, SCRIPT, clients, args.rows // 2))
-            print(f"{clients} clients: {statistics.median(rates):,.0f} claim+complete pairs/s "
-                  f"({min(rates):,.0f}-{max(rates):,.0f})", flush=True)
+            print(f"{clients} clients: {Summary.of(rates)} claim+complete pairs/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import psycopg
 
-from bench.common import Summary, bench_database, cpu_seconds, new_job, one, parser, server_line
-from chunkq.sync import JobChunkRepository
+from bench.common import Summary, bench_database, cpu_seconds, parser, server_line
+from bench.hot_path import add_calls_option, calls_of, worker_calls
 
 BATCHES = (1, 100)
 
@@ -36,13 +36,10 @@ def function_times(conn: psycopg.Connection) -> dict[str, tuple[int, float, floa
 def profile(conn: psycopg.Connection, batch: int, calls: int) -> dict[str, tuple[float, float]]:
     """Microseconds per chunk, over ``calls`` calls of ``batch`` chunks: the backend's CPU under
     "(backend CPU)", and (total, self) for each function the calls ran."""
-    job_id = new_job(conn, batch * (calls + 1), chunk_size=1)
-    chunks = JobChunkRepository(conn)
-    backend = one(conn, "SELECT pg_backend_pid()")[0]
-    held = chunks.complete_and_claim([], "bench", limit=batch, job_id=job_id)
+    make_calls = worker_calls(conn, batch, calls)
+    backend = conn.info.backend_pid
     before, cpu_before = function_times(conn), cpu_seconds([backend])[backend]
-    for _ in range(calls):
-        held = chunks.complete_and_claim([(c.id, c.attempt) for c in held], "bench", limit=batch, job_id=job_id)
+    make_calls()
     cpu = cpu_seconds([backend])[backend] - cpu_before
     after = function_times(conn)
     per_chunk = 1000 / (calls * batch)  # pg_stat_user_functions counts milliseconds
@@ -56,11 +53,8 @@ def profile(conn: psycopg.Connection, batch: int, calls: int) -> dict[str, tuple
 
 def main() -> None:
     p = parser("server time of complete_and_claim, function by function")
-    p.add_argument("--calls", type=int, default=2000,
-                   help="calls of one chunk; the case of 100 chunks per call makes a tenth as many calls (at least 100)")
+    add_calls_option(p)
     args = p.parse_args()
-    if args.calls < 100:
-        p.error("--calls must be at least 100: the calls of 100 chunks number calls // 100 * 10")
     samples: dict[tuple[int, str], list[tuple[float, float]]] = {}
     with bench_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         print(server_line(dsn))
@@ -68,7 +62,7 @@ def main() -> None:
         for _ in range(args.repeats):
             conn.execute("TRUNCATE chunkq.crawl_jobs, chunkq.job_chunks, chunkq.job_chunk_counts, chunkq.chunk_errors")
             for batch in BATCHES:
-                for name, times in profile(conn, batch, args.calls // batch * (10 if batch > 1 else 1)).items():
+                for name, times in profile(conn, batch, calls_of(batch, args.calls)).items():
                     samples.setdefault((batch, name), []).append(times)
     for batch in BATCHES:
         print(f"\n{batch} chunk{'s' if batch > 1 else ''} per call, us per chunk (median, min-max of {args.repeats})")

@@ -147,7 +147,7 @@ def children(pid: int) -> list[int]:
 def postgres_pids(conn: psycopg.Connection[Any]) -> list[int] | None:
     """Every process of the server, if it runs on this machine (its backend for ``conn`` is in /proc);
     None for a remote server, whose CPU cannot be read from here."""
-    backend = one(conn, "SELECT pg_backend_pid()")[0]
+    backend = conn.info.backend_pid
     if not Path(f"/proc/{backend}").exists():
         return None
     postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent

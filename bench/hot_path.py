@@ -14,12 +14,14 @@ the table shows medians, min-max and the ratio of the medians.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import psycopg
 
 import chunkq
-from bench.common import Summary, bench_database, cpu_seconds, new_job, one, parser, server_line
+from bench.common import Summary, bench_database, cpu_seconds, new_job, parser, server_line
 from chunkq.sync import JobChunkRepository
 
 BATCHES = (1, 100)
@@ -28,29 +30,53 @@ BATCHES = (1, 100)
 CASES = ((1, False), (100, False), (1, True), (100, True))
 
 
-def cpu_per_chunk(conn: psycopg.Connection, batch: int, calls: int, analyze: bool) -> float:
-    """Microseconds of backend CPU per chunk over ``calls`` complete_and_claim calls of ``batch`` chunks,
-    on a job just created (and, with ``analyze``, the table analyzed after it)."""
+def add_calls_option(p: argparse.ArgumentParser) -> None:
+    """--calls, shared with bench.call_profile: how many calls of one chunk (see calls_of)."""
+    def at_least_100(text: str) -> int:
+        if int(text) < 100:
+            raise argparse.ArgumentTypeError("at least 100: the calls of 100 chunks number calls // 100 * 10")
+        return int(text)
+    p.add_argument("--calls", type=at_least_100, default=2000,
+                   help="calls of one chunk; the case of 100 chunks per call makes a tenth as many calls (at least 100)")
+
+
+def calls_of(batch: int, calls: int) -> int:
+    """The calls made with ``batch`` chunks each: ``calls`` of one chunk, else a tenth as many of 100."""
+    return calls if batch == 1 else calls // batch * 10
+
+
+def worker_calls(conn: psycopg.Connection, batch: int, calls: int, analyze: bool = False) -> Callable[[], None]:
+    """Sets up a job just created for ``calls`` complete_and_claim calls of ``batch`` chunks from ``conn``,
+    the first batch already claimed (with ``analyze``, the table analyzed after creating the job);
+    returns what makes the calls, so that the caller can measure them alone."""
     job_id = new_job(conn, batch * (calls + 1), chunk_size=1)
     if analyze:
         conn.execute("ANALYZE chunkq.job_chunks")
     chunks = JobChunkRepository(conn)
-    backend = one(conn, "SELECT pg_backend_pid()")[0]
     held = chunks.complete_and_claim([], "bench", limit=batch, job_id=job_id)
+
+    def make_calls() -> None:
+        nonlocal held
+        for _ in range(calls):
+            held = chunks.complete_and_claim([(c.id, c.attempt) for c in held], "bench", limit=batch, job_id=job_id)
+    return make_calls
+
+
+def cpu_per_chunk(conn: psycopg.Connection, batch: int, calls: int, analyze: bool) -> float:
+    """Microseconds of backend CPU per chunk over ``calls`` complete_and_claim calls of ``batch`` chunks,
+    on a job just created (and, with ``analyze``, the table analyzed after it)."""
+    make_calls = worker_calls(conn, batch, calls, analyze)
+    backend = conn.info.backend_pid
     before = cpu_seconds([backend])[backend]
-    for _ in range(calls):
-        held = chunks.complete_and_claim([(c.id, c.attempt) for c in held], "bench", limit=batch, job_id=job_id)
+    make_calls()
     return (cpu_seconds([backend])[backend] - before) / (calls * batch) * 1e6
 
 
 def main() -> None:
     p = parser("server CPU of complete_and_claim, this schema against the one before")
-    p.add_argument("--calls", type=int, default=2000,
-                   help="calls of one chunk; the case of 100 chunks per call makes a tenth as many calls (at least 100)")
+    add_calls_option(p)
     p.set_defaults(repeats=5)
     args = p.parse_args()
-    if args.calls < 100:
-        p.error("--calls must be at least 100: the calls of 100 chunks number calls // 100 * 10")
     samples: dict[tuple[str, int, bool], list[float]] = {}
     with ExitStack() as stack:
         newest = stack.enter_context(bench_database(args.dsn))
@@ -65,7 +91,7 @@ def main() -> None:
                     conn.execute("TRUNCATE chunkq.crawl_jobs, chunkq.job_chunks, chunkq.job_chunk_counts,"
                                  " chunkq.chunk_errors")
                     for batch, analyze in CASES:
-                        value = cpu_per_chunk(conn, batch, args.calls // batch * (10 if batch > 1 else 1), analyze)
+                        value = cpu_per_chunk(conn, batch, calls_of(batch, args.calls), analyze)
                         samples.setdefault((name, batch, analyze), []).append(value)
                         print(f"    {name} batch {batch}{' analyzed' if analyze else ''}: {value:.0f} us/chunk",
                               flush=True)
