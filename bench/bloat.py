@@ -24,8 +24,8 @@ from bench.common import bench_database, new_job, one, parser, pgbench, server_l
 from chunkq.embedded import embedded_server
 
 SCRIPT = """\
-SELECT id, attempt FROM chunkq.claim_chunks('pgbench', 1) \\gset
-SELECT chunkq.complete_chunk(:id, :attempt);
+SELECT id, attempt, lease_token FROM chunkq.claim_chunks('pgbench', 1) \\gset
+SELECT chunkq.complete_chunk(:id, :attempt, :'lease_token');
 """
 
 #: The configurations compared: "tuned" is what migration 0004 sets, "defaults"

@@ -3,7 +3,7 @@
     python -m bench.call_profile [--dsn DSN] [--calls 2000] [--repeats 3]
 
 In a fresh database, one connection completes the chunk it holds and claims the
-next, ``--calls`` times, through the client (JobChunkRepository.complete_and_claim),
+next, ``--calls`` times, with the client's call (JobChunkRepository.complete_and_claim),
 with one chunk and then 100 per call, on a job just created. The session runs with
 ``track_functions = 'all'`` (a superuser setting), so pg_stat_user_functions times
 every PL/pgSQL function the call runs, nested ones included; the table gives each

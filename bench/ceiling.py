@@ -17,12 +17,13 @@ import psycopg
 from bench.common import new_job, pgbench, vacuum_queue
 
 SINGLE = """\
-SELECT id, attempt FROM chunkq.claim_chunks('pgbench', 1) \\gset
-SELECT chunkq.complete_chunk(:id, :attempt);
+SELECT id, attempt, lease_token FROM chunkq.claim_chunks('pgbench', 1) \\gset
+SELECT chunkq.complete_chunk(:id, :attempt, :'lease_token');
 """
 BATCH = """\
-SELECT array_agg(id) AS ids, array_agg(attempt) AS attempts FROM chunkq.claim_chunks('pgbench', {size}) \\gset
-SELECT count(*) FROM chunkq.complete_and_claim(':ids', ':attempts', 'pgbench', 0);
+SELECT array_agg(id) AS ids, array_agg(attempt) AS attempts, array_agg(lease_token) AS tokens
+  FROM chunkq.claim_chunks('pgbench', {size}) \\gset
+SELECT count(*) FROM chunkq.complete_and_claim(':ids', ':attempts', 'pgbench', 0, NULL, NULL, ':tokens');
 """
 
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,8 +35,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def bench_database(admin_dsn: str | None) -> Iterator[str]:
-    """A new database with the chunkq schema on the given server (or an embedded one); dropped afterwards."""
+def bench_database(admin_dsn: str | None, checkout: Path | None = None) -> Iterator[str]:
+    """A new database with the chunkq schema on the given server (or an embedded one); dropped afterwards.
+    With ``checkout``, the schema is that of another copy of chunkq (its migrations, applied by its code)."""
     with contextlib.ExitStack() as stack:
         if admin_dsn is None:
             admin_dsn = stack.enter_context(embedded_server())
@@ -44,7 +46,11 @@ def bench_database(admin_dsn: str | None) -> Iterator[str]:
         dsn = dbs.dsn(name)
         with psycopg.connect(dsn, autocommit=True) as conn:  # durable commits, as in production
             conn.execute(f'ALTER DATABASE "{name}" RESET synchronous_commit')
-        chunkq.migrate(dsn)
+        if checkout is None:
+            chunkq.migrate(dsn)
+        else:
+            subprocess.run([sys.executable, "-c", "import sys, chunkq; chunkq.migrate(sys.argv[1])", dsn],
+                           cwd=checkout, check=True)
         try:
             yield dsn
         finally:

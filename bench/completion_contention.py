@@ -24,23 +24,23 @@ import psycopg
 from bench.common import bench_database, new_job, parser, server_line
 
 
-def complete_all(dsn: str, work: list[tuple[int, int]], barrier: Any, results: Any) -> None:
+def complete_all(dsn: str, work: list[tuple[int, int, Any]], barrier: Any, results: Any) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         barrier.wait()
         start = time.perf_counter()
-        for chunk_id, attempt in work:
-            conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+        for chunk_id, attempt, token in work:
+            conn.execute("SELECT chunkq.complete_chunk(%s, %s, %s)", (chunk_id, attempt, token))
         results.put((start, time.perf_counter()))
 
 
-def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple[int, int]]]:
-    """``jobs`` jobs sharing ``chunks`` chunks, all claimed; returns per-job lists of (chunk, attempt)."""
+def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple[int, int, Any]]]:
+    """``jobs`` jobs sharing ``chunks`` chunks, all claimed; returns per-job lists of (chunk, attempt, token)."""
     per_job = []
     for _ in range(jobs):
         job_id = new_job(conn, chunks // jobs, chunk_size=1)
         claimed = []
         while batch := conn.execute(
-            "SELECT id, attempt FROM chunkq.claim_chunks('bench', 1000, %s, interval '1 hour')", (job_id,)
+            "SELECT id, attempt, lease_token FROM chunkq.claim_chunks('bench', 1000, %s, interval '1 hour')", (job_id,)
         ).fetchall():
             claimed += batch
         per_job.append(sorted(claimed))
@@ -52,7 +52,7 @@ def set_counter_rows(conn: psycopg.Connection, rows: int) -> None:
                  f" LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {rows}'")
 
 
-def run(dsn: str, work: list[list[tuple[int, int]]]) -> float:
+def run(dsn: str, work: list[list[tuple[int, int, Any]]]) -> float:
     spawn = multiprocessing.get_context("spawn")
     barrier, results = spawn.Barrier(len(work)), spawn.Queue()
     procs = [spawn.Process(target=complete_all, args=(dsn, w, barrier, results)) for w in work]

@@ -4,8 +4,9 @@
 
 Two fresh databases on the same (local) server: one migrated to the newest
 schema, one rolled back by one migration. In each, one connection completes the
-chunk it holds and claims the next, ``--calls`` times, through the client
-(JobChunkRepository.complete_and_claim), with one chunk and then 100 per call, on
+chunk it holds and claims the next, ``--calls`` times, with the call the client
+makes (JobChunkRepository.complete_and_claim; the same SQL on both schemas, with
+the lease tokens where the schema has them), with one chunk and then 100 per call, on
 a job just created, then again with the table analyzed by hand after creating it.
 The CPU its backend used is read from /proc, so the server must run on this
 machine (the embedded one does). Repeats alternate between the two databases;
@@ -17,12 +18,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any
 
 import psycopg
 
 import chunkq
-from bench.common import Summary, bench_database, cpu_seconds, new_job, parser, server_line
-from chunkq.sync import JobChunkRepository
+from bench.common import Summary, bench_database, cpu_seconds, new_job, one, parser, server_line
 
 BATCHES = (1, 100)
 #: As a user gets it (the job just created), then with the table analyzed by hand:
@@ -52,13 +53,23 @@ def worker_calls(conn: psycopg.Connection, batch: int, calls: int, analyze: bool
     job_id = new_job(conn, batch * (calls + 1), chunk_size=1)
     if analyze:
         conn.execute("ANALYZE chunkq.job_chunks")
-    chunks = JobChunkRepository(conn)
-    held = chunks.complete_and_claim([], "bench", limit=batch, job_id=job_id)
+    tokens = one(conn, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'chunkq.job_chunks'::regclass"
+                       " AND attname = 'lease_token'")[0] == 1  # since 0008
+    sql = ("SELECT id, attempt" + (", lease_token" if tokens else "") + " FROM chunkq.complete_and_claim("
+           "%(ids)s::bigint[], %(attempts)s::integer[], 'bench', %(limit)s::integer, %(job)s::bigint, NULL"
+           + (", %(tokens)s::uuid[]" if tokens else "") + ")")
+
+    def complete_and_claim(held: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        params = {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "limit": batch, "job": job_id,
+                  "tokens": [h[-1] for h in held]}
+        return conn.execute(sql, params).fetchall()
+
+    held = complete_and_claim([])
 
     def make_calls() -> None:
         nonlocal held
         for _ in range(calls):
-            held = chunks.complete_and_claim([(c.id, c.attempt) for c in held], "bench", limit=batch, job_id=job_id)
+            held = complete_and_claim(held)
     return make_calls
 
 

@@ -45,7 +45,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int) -> PoolDrain:
+def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int, root: Path = ROOT) -> PoolDrain:
+    """The pool of the chunkq checkout in ``root`` (this one by default) drains a job of ``chunks`` chunks."""
     vacuum_queue(conn)
     job_id = new_job(conn, chunks, chunk_size=1, split=False)
     peak = {"supervisor": 0.0, "worker": 0.0}
@@ -55,7 +56,7 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
             [sys.executable, "-m", "workers", "--dsn", dsn, "--handler", "workers.sample:noop",
              "--processes", str(processes), "--batch", str(batch), "--job", str(job_id),
              "--log-level", "warning"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def sample() -> None:
             while not done.wait(0.5):

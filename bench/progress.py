@@ -13,6 +13,7 @@ import time
 import psycopg
 
 from bench.common import bench_database, median_ms, new_job, one, parser, server_line
+from chunkq.records import Lease
 from chunkq.sync import JobChunkRepository
 
 COUNT_QUERY = "SELECT status, count(*) FROM chunkq.job_chunks WHERE job_id = %s GROUP BY status"
@@ -22,12 +23,12 @@ def advance_to(conn: psycopg.Connection, job_id: int, fraction: float, total: in
     """Claims and completes chunks, 1000 per call (complete_and_claim), until ``fraction`` are completed."""
     chunks = JobChunkRepository(conn)
     done: int = one(conn, "SELECT completed_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]
-    held: list[tuple[int, int]] = []
+    held: list[Lease] = []
     while done + len(held) < int(total * fraction) or held:
         want = max(0, min(1000, int(total * fraction) - done - len(held)))
         claimed = chunks.complete_and_claim(held, "bench", limit=want, job_id=job_id)
         done += len(held)
-        held = [(chunk.id, chunk.attempt) for chunk in claimed]
+        held = [chunk.lease for chunk in claimed]
 
 
 def main() -> None:

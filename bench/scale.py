@@ -52,7 +52,7 @@ def claim_latency(conn: psycopg.Connection, claims: int) -> tuple[float, float]:
         start = time.perf_counter()
         (chunk,) = chunks.claim("bench")
         samples.append((time.perf_counter() - start) * 1000)
-        chunks.complete(chunk.id, chunk.attempt)
+        chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
     assert chunks.list_for_job(job_id, "pending") == []
     quantiles = statistics.quantiles(samples, n=100)
     return quantiles[49], quantiles[98]

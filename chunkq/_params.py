@@ -6,9 +6,12 @@ import json
 import os
 import socket
 from datetime import timedelta
+from collections.abc import Iterable
 from typing import Any
+from uuid import UUID
 
 from .errors import ValidationError
+from .records import Lease
 
 #: Longest error text sent to Postgres. The SQL keeps at most settings.max_error_length
 #: characters anyway; this only stops a runaway message from travelling over the wire.
@@ -40,3 +43,15 @@ def error_text(error: object) -> str:
     text = str(error)[:MAX_ERROR_CHARS_SENT]
     text = text.replace("\x00", "\\x00")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lease_arrays(held: Iterable[Lease | tuple[int, int]]) -> dict[str, list[Any] | None]:
+    """Parallel arrays of chunk ids, attempts and lease tokens for the calls that report on many chunks;
+    ``lease_tokens`` is None when no lease carries a token (an operator's report: chunkq_app only)."""
+    leases = [Lease(*lease) for lease in held]
+    tokens: list[UUID | None] = [lease.lease_token for lease in leases]
+    return {
+        "chunk_ids": [lease.chunk_id for lease in leases],
+        "attempts": [lease.attempt for lease in leases],
+        "lease_tokens": tokens if any(token is not None for token in tokens) else None,
+    }

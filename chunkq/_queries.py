@@ -69,7 +69,7 @@ CLAIM_CHUNKS = (
 )
 COMPLETE_AND_CLAIM = (
     f"SELECT {CHUNK} FROM chunkq.complete_and_claim(%(chunk_ids)s::bigint[], %(attempts)s::integer[],"
-    " %(worker_id)s::text, %(limit)s::integer, %(job_id)s::bigint, %(lease)s::interval)"
+    " %(worker_id)s::text, %(limit)s::integer, %(job_id)s::bigint, %(lease)s::interval, %(lease_tokens)s::uuid[])"
 )
 CLAIM_CHUNK = (
     f"SELECT {CHUNK} FROM chunkq.claim_chunk(%(chunk_id)s::bigint, %(worker_id)s::text,"
@@ -77,18 +77,23 @@ CLAIM_CHUNK = (
 )
 HEARTBEAT_CHUNK = (
     f"SELECT {CHUNK} FROM chunkq.heartbeat_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
-    " %(lease)s::interval, %(task_id)s::text)"
+    " %(lease)s::interval, %(task_id)s::text, %(lease_token)s::uuid)"
 )
-COMPLETE_CHUNK = f"SELECT {columns(ChunkOutcome)} FROM chunkq.complete_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
+COMPLETE_CHUNK = (
+    f"SELECT {columns(ChunkOutcome)} FROM chunkq.complete_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
+    " %(lease_token)s::uuid)"
+)
 HEARTBEAT_CHUNKS = (
     f"SELECT {columns(LeaseState)} FROM chunkq.heartbeat_chunks(%(chunk_ids)s::bigint[], %(attempts)s::integer[],"
-    " %(lease)s::interval)"
+    " %(lease)s::interval, %(lease_tokens)s::uuid[])"
 )
 FAIL_CHUNK = (
     f"SELECT {columns(ChunkOutcome)} FROM chunkq.fail_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
-    " %(error)s::text, %(retry)s::boolean, %(max_retries)s::integer)"
+    " %(error)s::text, %(retry)s::boolean, %(max_retries)s::integer, %(lease_token)s::uuid)"
 )
-RELEASE_CHUNK = f"SELECT {CHUNK} FROM chunkq.release_chunk(%(chunk_id)s::bigint, %(attempt)s::integer)"
+RELEASE_CHUNK = (
+    f"SELECT {CHUNK} FROM chunkq.release_chunk(%(chunk_id)s::bigint, %(attempt)s::integer, %(lease_token)s::uuid)"
+)
 RETRY_CHUNK = f"SELECT {CHUNK} FROM chunkq.retry_chunk(%(chunk_id)s::bigint)"
 RETRY_FAILED_CHUNKS = "SELECT chunkq.retry_failed_chunks(%(job_id)s::bigint) AS retried"
 RECLAIM_EXPIRED_CHUNKS = "SELECT chunkq.reclaim_expired_chunks(%(limit)s::integer) AS reclaimed"

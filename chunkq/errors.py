@@ -115,3 +115,9 @@ def translate(exc: psycopg.Error) -> Exception:
             **fields,
         )
     return exc
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An error's message on one line, for logs and command-line errors: libpq's messages span several
+    (``connection ... failed: Connection refused`` then ``Is the server running ...?``)."""
+    return " ".join(str(exc).split())

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
+from uuid import UUID
 
 from psycopg.rows import BaseRowFactory, args_row
 
@@ -65,6 +66,16 @@ class CrawlJob:
         _coerce(self, status=JobStatus)
 
 
+class Lease(NamedTuple):
+    """A claim, as its reports present it: the attempt fences off a stale worker (one whose lease lapsed
+    and whose chunk was claimed again); the lease token, drawn at random by the claim and given only to
+    the claimer, proves the report comes from the worker that holds the chunk."""
+
+    chunk_id: int
+    attempt: int | None  # None: no claim (an operator's report, chunkq_app only)
+    lease_token: UUID | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class JobChunk:
     """A row of chunkq.job_chunks: images image_start..image_end (inclusive) of a job."""
@@ -87,9 +98,15 @@ class JobChunk:
     claimed_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+    lease_token: UUID | None  # only in what a claim returns: the claimer's proof of holding the chunk
 
     def __post_init__(self) -> None:
         _coerce(self, status=ChunkStatus)
+
+    @property
+    def lease(self) -> Lease:
+        """What a report on this claimed chunk presents: its id, attempt and lease token."""
+        return Lease(self.id, self.attempt, self.lease_token)
 
     @property
     def image_range(self) -> dict[str, int]:

@@ -30,6 +30,7 @@ EXPECT = {
     "monitor": ["workers_lost"],
     "vacuum": ["job_chunks", "VACUUM"],
     "roles": ["CREATE ROLE", "DROP ROLE"],
+    "lease-token": ["1236", "gone:1", "token_hidden", " t\n"],
 }
 
 

@@ -7,17 +7,17 @@ was claimed).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import psycopg
 
 from chunkq import ChunkqError
+from chunkq.errors import one_line
 from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository
 
 from . import logs
-from .config import ConfigError, PoolConfig, add_arguments, from_args
+from .config import ConfigError, OneLineParser, PoolConfig, add_arguments, from_args
 from .handler import HandlerError, load_handler
 from .supervisor import Supervisor
 
@@ -31,7 +31,7 @@ def preflight(config: PoolConfig) -> None:
             if config.job_id is not None and CrawlJobRepository(conn).get_by_id(config.job_id) is None:
                 raise ConfigError(f"--job {config.job_id}: no such crawl job")
     except psycopg.OperationalError as exc:
-        raise ConfigError(f"cannot connect to the database: {str(exc).strip()}") from exc
+        raise ConfigError(f"cannot connect to the database: {one_line(exc)}") from exc
 
 
 def run(config: PoolConfig) -> int:
@@ -39,13 +39,13 @@ def run(config: PoolConfig) -> int:
     try:
         preflight(config)
     except (ConfigError, HandlerError, ChunkqError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return Supervisor(config).run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers", description="Run a chunkq worker pool.")
+    parser = OneLineParser(prog="python -m workers", description="Run a chunkq worker pool.")
     add_arguments(parser)
     try:
         config = from_args(parser.parse_args(argv))

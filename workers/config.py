@@ -6,8 +6,11 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
+from typing import NoReturn
 
 from psycopg.conninfo import conninfo_to_dict
+
+from chunkq.errors import one_line
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -15,6 +18,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 class ConfigError(ValueError):
     """An option is wrong; the message says which and why."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every error of the pool and the CLI is, instead of a usage
+    block: ``error: argument --processes: invalid int value: 'many' (see python -m workers --help)``."""
+
+    error_prefix = "error: "
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.error_prefix}{one_line(message)} (see {self.prog} --help)\n")
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class PoolConfig:
         try:
             conninfo_to_dict(self.dsn)
         except Exception as exc:
-            raise ConfigError(f"invalid DSN: {exc}") from exc
+            raise ConfigError(f"invalid DSN: {one_line(exc)}") from exc
         if self.processes < 1:
             raise ConfigError(f"--processes must be at least 1, got {self.processes}")
         for option, value in (("--lease", self.lease), ("--heartbeat", self.heartbeat), ("--poll", self.poll)):

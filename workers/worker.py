@@ -6,7 +6,13 @@ unless DoNotRetry), a completion is held back -> the held-back completions and
 the next claim go in one call (complete_and_claim: one round trip, one commit).
 A completion is held back only while more chunks as quick as the last one would
 fit in FLUSH_AFTER, so slow chunks are reported as each one finishes. When there
-is nothing to claim, wait for the supervisor's wake-up (a NOTIFY arrived) or the poll interval.
+is nothing to claim, wait for the supervisor's wake-up (a byte on the wake-up
+pipe: a NOTIFY arrived) or the poll interval.
+
+Stopping (SIGTERM, or the supervisor gone): no more claims; what the handler
+finished is reported as finished, what it did not start is handed back at once,
+and running chunks are handed back if they outlast the grace period (at once if
+the supervisor is gone). Handed back means pending again, no retry spent.
 
 The connection is opened here, in the worker process, and reopened with backoff
 whenever Postgres goes away. A report that could not be delivered is sent again
@@ -26,6 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import psycopg
@@ -37,13 +44,15 @@ from chunkq.sync import CrawlJobRepository, JobChunkRepository
 from . import logs
 from .config import PoolConfig
 from .handler import ChunkTask, DoNotRetry, Handler, load_handler
-from .lease import Holdings, LeaseKeeper
+from .lease import Held, Holdings, LeaseKeeper
 
 T = TypeVar("T")
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 REFUSALS = (LeaseLost, InvalidTransition)  # a chunk is no longer held as this worker thinks
 #: Seconds a completion may wait to be reported with the next claim.
 FLUSH_AFTER = 1.0
+#: Seconds the keeper waits for the main thread to finish a report before handing back regardless.
+HAND_BACK_WAIT = 5.0
 
 
 class Session:
@@ -86,16 +95,14 @@ class Session:
 
 
 class Worker:
-    def __init__(self, config: PoolConfig, slot: int, handler: Handler, wake: Any, idle: Any) -> None:
+    def __init__(self, config: PoolConfig, slot: int, handler: Handler, wake: Connection, idle: Any) -> None:
         self.config, self.slot, self.handler, self.wake, self.idle = config, slot, handler, wake, idle
         self.stopping = threading.Event()
         self.deadline: float | None = None  # set on SIGTERM: running chunks must be done by then
         self.session = Session(config, self.stopping)
         self.holdings = Holdings()
         self.keywords: dict[int, Any] = {}  # job id -> keywords, fetched once per job
-        # Completed by the handler, not yet reported: (chunk, handler ms); still held meanwhile.
-        self.completed: list[tuple[JobChunk, float]] = []
-        self.completed_since = 0.0
+        self.completed_since = 0.0  # when the oldest completion not reported yet was finished
 
     @functools.cached_property
     def worker_id(self) -> str:
@@ -109,23 +116,31 @@ class Worker:
             self.deadline = time.monotonic() + self.config.grace
             self.stopping.set()
 
+    def orphaned(self) -> None:
+        """The supervisor is gone: nobody restarts, drains or watches this worker any more. Stop at
+        once: report what is finished, hand back the rest (the keeper does, as the deadline is now)."""
+        if self.deadline is None or self.deadline > time.monotonic():
+            logs.event("the supervisor is gone: stopping, handing back what this worker holds",
+                       level=logging.WARNING, worker=self.worker_id)
+            self.deadline = time.monotonic()
+            self.stopping.set()
+
     def run(self) -> int:
         self.session.connect()
         check_schema(self.session.conn)  # type: ignore[arg-type]
         keeper = LeaseKeeper(self.session, self.holdings, self.config.heartbeat, self.config.lease,
-                             lambda: self.deadline)
+                             lambda: self.deadline, self.hand_back_and_exit, self.orphaned)
         keeper.start()
         logs.event("worker started", worker=self.worker_id)
         while not self.stopping.is_set():
             self.idle[self.slot] = 1  # before claiming, so a wake-up sent meanwhile is not missed
-            self.wake.clear()
             chunks = self.session.call(self.claim)
             if chunks:
                 self.idle[self.slot] = 0
                 self.process(chunks)
             else:
                 self.wait_for_work()
-        self.session.call(self.report_completed)
+        self.session.call(self.hand_back)
         keeper.finished.set()
         logs.event("worker stopped", worker=self.worker_id)
         return 0
@@ -140,60 +155,97 @@ class Worker:
 
     def report_completed(self, session: Session, limit: int = 0) -> list[JobChunk]:
         """complete_and_claim for the held-back completions; if one of them is no longer held, it
-        refuses them all, and each is reported on its own instead (then the claim is made alone)."""
+        refuses them all, and each is reported on its own instead (then the claim is made alone).
+        What is claimed is held from the moment the call returns."""
         with self.holdings.lock:
-            lost = [(chunk, ms) for chunk, ms in self.completed if not self.holdings.holds(chunk.id)]
-            done = [(chunk, ms) for chunk, ms in self.completed if self.holdings.holds(chunk.id)]
+            finished = self.holdings.finished()
+            done = [held for held in finished if not held.lost.is_set()]
             if not done and not limit:
-                outcomes: list[str] = []
-                claimed: list[JobChunk] = []
-            else:
-                try:
-                    claimed = session.chunks.complete_and_claim(
-                        [(chunk.id, chunk.attempt) for chunk, _ in done], self.worker_id, limit=limit,
-                        job_id=self.config.job_id, lease=self.config.lease)
-                    outcomes = ["completed"] * len(done)
-                except REFUSALS:
-                    outcomes = [self.deliver(session, chunk, None, True) for chunk, _ in done]
-                    claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
-                                                    lease=self.config.lease) if limit else [])
-            for chunk, _ in done:
-                self.holdings.drop(chunk.id)
-            self.completed.clear()
-        for (chunk, ms), outcome in [*zip(done, outcomes), *((entry, "lease_lost") for entry in lost)]:
-            self.log_outcome(chunk, outcome, ms, None)
+                return []
+            try:
+                claimed = session.chunks.complete_and_claim(
+                    [held.chunk.lease for held in done], self.worker_id, limit=limit, job_id=self.config.job_id,
+                    lease=self.config.lease)
+                outcomes = ["completed"] * len(done)
+            except REFUSALS:
+                outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
+                claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
+                                                lease=self.config.lease) if limit else [])
+            for held in finished:
+                self.holdings.drop(held.chunk.id)
+            self.holdings.add(claimed)
+        for held, outcome in [*zip(done, outcomes), *((h, "lease_lost") for h in finished if h.lost.is_set())]:
+            self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
         return claimed
+
+    def hand_back(self, session: Session) -> None:
+        """On the way out: everything finished is reported as finished; only work not done goes back
+        to pending (release_chunk: no retry spent)."""
+        with self.holdings.lock:
+            self.report_completed(session)
+            self.release_unfinished(session)
+
+    def release_unfinished(self, session: Session) -> None:
+        for held in self.holdings.all():
+            if not held.lost.is_set():
+                chunk = held.chunk
+                session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
+                logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+            self.holdings.drop(held.chunk.id)
+
+    def hand_back_and_exit(self) -> None:
+        """The grace period is over (or the supervisor is gone) while chunks are still held: called by the
+        keeper while the handler may still be running. Reports the finished ones, releases the rest, and
+        ends the process, handler and all."""
+        code = 0
+        if not self.holdings.lock.acquire(timeout=HAND_BACK_WAIT):  # a report stuck on a dead connection
+            logs.event("grace period over, a report is stuck: exiting; held chunks return when their leases "
+                       "expire", level=logging.ERROR)
+            os._exit(1)
+        try:
+            self.session.call(self.hand_back)
+        except BaseException as exc:  # SystemExit too: no reconnecting once stopping
+            code = 1  # what was not handed back returns when its lease expires
+            logs.event("hand back failed", level=logging.ERROR, error=str(exc))
+        logs.event("grace period over, exiting", exit_code=code)
+        os._exit(code)
 
     def wait_for_work(self) -> None:
         until = time.monotonic() + self.config.poll
         while not self.stopping.is_set() and (left := until - time.monotonic()) > 0:
-            if self.wake.wait(min(left, 0.2)):
+            if self.wake.poll(min(left, 0.2)):
+                try:
+                    woken = os.read(self.wake.fileno(), 4096)
+                except OSError:
+                    woken = b""
+                if not woken:  # end of file: the supervisor's end of the pipe is closed, it is gone
+                    self.orphaned()
                 return
 
     def process(self, chunks: list[JobChunk]) -> None:
-        lost = {chunk.id: self.holdings.add(chunk) for chunk in chunks}
         for chunk in chunks:
-            if self.stopping.is_set():
+            held = self.holdings.get(chunk.id)
+            if self.stopping.is_set() or held is None:
                 break
-            took = self.run_one(chunk, lost[chunk.id])
+            if held.lost.is_set():  # reclaimed or cancelled before its turn came: nothing to run
+                with self.holdings.lock:
+                    self.holdings.drop(chunk.id)
+                self.log_outcome(chunk, "lease_lost", 0.0, None)
+                continue
+            took = self.run_one(held)
             # Report now if waiting for one more chunk like this one would hold the
             # completions back longer than FLUSH_AFTER (slow chunks: each one at once).
-            if self.completed and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
+            if self.holdings.finished() and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
                 self.session.call(self.report_completed)
-        if not self.stopping.is_set():
-            return  # the completions go with the next claim
-        self.session.call(self.report_completed)
-        # Stopping with chunks claimed but not started: hand them back, no retry spent.
-        with self.holdings.lock:
-            for chunk_id, attempt in self.holdings.pairs():
-                self.session.call(lambda s: s.chunks.release(chunk_id, attempt))
-                self.holdings.drop(chunk_id)
-                logs.event("chunk released", chunk=chunk_id, attempt=attempt, outcome="released")
+        if self.stopping.is_set():
+            self.session.call(self.hand_back)
+        # Otherwise the completions go with the next claim.
 
-    def run_one(self, chunk: JobChunk, lost: threading.Event) -> float:
+    def run_one(self, held: Held) -> float:
         """Runs the handler on one chunk; holds back a completion, reports a failure. Seconds it took."""
+        chunk = held.chunk
         task = ChunkTask(chunk.id, chunk.job_id, chunk.chunk_index, chunk.image_start, chunk.image_end,
-                         self.job_keywords(chunk.job_id), chunk.attempt, lost)
+                         self.job_keywords(chunk.job_id), chunk.attempt, held.lost)
         started = time.monotonic()
         error: str | None = None
         retry = True
@@ -206,11 +258,12 @@ class Worker:
         took = time.monotonic() - started
         duration_ms = round(took * 1000, 1)
         if error is None:
-            if not self.completed:
-                self.completed_since = time.monotonic()
-            self.completed.append((chunk, duration_ms))
+            with self.holdings.lock:  # so that a hand-back sees it either running or finished
+                if not self.holdings.finished():
+                    self.completed_since = time.monotonic()
+                held.took_ms = duration_ms
         else:
-            self.log_outcome(chunk, self.report_failure(chunk, error, retry), duration_ms, error)
+            self.log_outcome(chunk, self.report_failure(held, error, retry), duration_ms, error)
         return took
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
@@ -225,15 +278,16 @@ class Worker:
             **({"error": error} if error else {}),
         )
 
-    def report_failure(self, chunk: JobChunk, error: str, retry: bool) -> str:
+    def report_failure(self, held: Held, error: str, retry: bool) -> str:
         """Records a failure; returns retrying, failed, lease_lost or cancelled."""
 
         def send(session: Session) -> str:
             with self.holdings.lock:
-                if not self.holdings.holds(chunk.id):  # the LeaseKeeper found the lease lost
-                    return "lease_lost"
-                outcome = self.deliver(session, chunk, error, retry)  # a connection error: sent again
-                self.holdings.drop(chunk.id)
+                if held.lost.is_set():  # the LeaseKeeper found the lease lost
+                    outcome = "lease_lost"
+                else:
+                    outcome = self.deliver(session, held.chunk, error, retry)  # a connection error: sent again
+                self.holdings.drop(held.chunk.id)
                 return outcome
 
         return self.session.call(send)
@@ -242,10 +296,10 @@ class Worker:
         """Reports one chunk's outcome; returns completed, retrying, failed, lease_lost or cancelled."""
         try:
             if error is None:
-                session.chunks.complete(chunk.id, chunk.attempt)
+                session.chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
                 return "completed"
             outcome = session.chunks.fail(chunk.id, chunk.attempt, error, retry=retry,
-                                          max_retries=self.config.max_retries)
+                                          max_retries=self.config.max_retries, lease_token=chunk.lease_token)
             return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
         except ChunkCancelled:
             return "cancelled"
@@ -273,7 +327,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n" + "".join(frames[:-1]).rstrip()
 
 
-def main(config: PoolConfig, slot: int, wake: Any, idle: Any) -> None:
+def main(config: PoolConfig, slot: int, wake: Connection, idle: Any) -> None:
     """Entry point of a worker process (started by the supervisor)."""
     logs.setup(config.log_format, config.log_level)
     multiprocessing.current_process().name = f"worker-{slot}"

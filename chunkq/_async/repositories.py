@@ -2,21 +2,24 @@
 
 The seed's names. ``CrawlJobRepository`` covers chunkq.crawl_jobs,
 ``JobChunkRepository`` chunkq.job_chunks. Methods that act on a claimed chunk
-take the ``attempt`` the claim returned: it is the fencing token that keeps a
-worker whose lease lapsed from overwriting a newer attempt.
+take the ``attempt`` and the ``lease_token`` the claim returned (``chunk.lease``
+carries all three): the attempt is the fencing token that keeps a worker whose
+lease lapsed from overwriting a newer attempt, the lease token the proof that
+the caller is the worker that claimed the chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from .. import _queries as q
-from .._params import default_worker_id, error_text, interval, keywords_json
+from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays
 from ..records import (
     ExpiredLease,
     FailureKind,
@@ -31,6 +34,7 @@ from ..records import (
     JobOverview,
     JobProgress,
     JobStatus,
+    Lease,
     LeaseState,
     QueueDepth,
     QueueStats,
@@ -169,19 +173,18 @@ class JobChunkRepository:
 
     async def complete_and_claim(
         self,
-        completed: Sequence[tuple[int, int]],
+        completed: Iterable[Lease | tuple[int, int]],
         worker_id: str | None = None,
         *,
         limit: int = 1,
         job_id: int | None = None,
         lease: timedelta | float | None = None,
     ) -> list[JobChunk]:
-        """Completes the held (chunk id, attempt) pairs and claims up to ``limit`` more (0: none), in one
-        transaction. All or nothing: a pair no longer held raises its error (LeaseLost, ChunkCancelled,
+        """Completes the held chunks (``chunk.lease`` of each) and claims up to ``limit`` more (0: none), in
+        one transaction. All or nothing: a chunk no longer held raises its error (LeaseLost, ChunkCancelled,
         InvalidTransition) and nothing is completed or claimed."""
         params = {
-            "chunk_ids": [chunk_id for chunk_id, _ in completed],
-            "attempts": [attempt for _, attempt in completed],
+            **lease_arrays(completed),
             "worker_id": worker_id or default_worker_id(),
             "limit": limit,
             "job_id": job_id,
@@ -214,26 +217,26 @@ class JobChunkRepository:
         *,
         lease: timedelta | float | None = None,
         task_id: str | None = None,
+        lease_token: UUID | None = None,
     ) -> JobChunk:
         """Extends the lease of a chunk this caller holds; LeaseLost if it does not any more."""
-        params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id}
+        params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id,
+                  "lease_token": lease_token}
         rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
         return rows[0]
 
     async def heartbeat_many(
-        self, held: list[tuple[int, int]], *, lease: timedelta | float | None = None
+        self, held: Iterable[Lease | tuple[int, int]], *, lease: timedelta | float | None = None
     ) -> list[LeaseState]:
-        """Extends the leases of (chunk id, attempt) pairs in one call; lost ones come back ``held=False``."""
-        params = {
-            "chunk_ids": [chunk_id for chunk_id, _ in held],
-            "attempts": [attempt for _, attempt in held],
-            "lease": interval(lease),
-        }
+        """Extends the leases of held chunks (``chunk.lease`` of each) in one call; lost ones come back
+        ``held=False``."""
+        params = {**lease_arrays(held), "lease": interval(lease)}
         return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState))
 
-    async def complete(self, chunk_id: int, attempt: int | None) -> ChunkOutcome:
-        """Marks the chunk completed. ``attempt=None`` skips the fencing check (operator use)."""
-        params = {"chunk_id": chunk_id, "attempt": attempt}
+    async def complete(self, chunk_id: int, attempt: int | None, lease_token: UUID | None = None) -> ChunkOutcome:
+        """Marks the chunk completed. Without the attempt and lease token the claim returned, only an operator
+        (chunkq_app) may complete it: the checks are skipped."""
+        params = {"chunk_id": chunk_id, "attempt": attempt, "lease_token": lease_token}
         rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome))
         return rows[0]
 
@@ -245,6 +248,7 @@ class JobChunkRepository:
         *,
         retry: bool = False,
         max_retries: int | None = None,
+        lease_token: UUID | None = None,
     ) -> ChunkOutcome:
         """Records ``error``; with ``retry`` the chunk goes back to pending after a backoff while retries last.
 
@@ -256,13 +260,15 @@ class JobChunkRepository:
             "error": error_text(error),
             "retry": retry,
             "max_retries": max_retries,
+            "lease_token": lease_token,
         }
         rows = await fetch(self.conn, q.FAIL_CHUNK, params, record_row(ChunkOutcome))
         return rows[0]
 
-    async def release(self, chunk_id: int, attempt: int) -> JobChunk:
+    async def release(self, chunk_id: int, attempt: int, lease_token: UUID | None = None) -> JobChunk:
         """Hands a chunk this caller holds back to pending without counting a retry (shutdown)."""
-        rows = await fetch(self.conn, q.RELEASE_CHUNK, {"chunk_id": chunk_id, "attempt": attempt}, record_row(JobChunk))
+        params = {"chunk_id": chunk_id, "attempt": attempt, "lease_token": lease_token}
+        rows = await fetch(self.conn, q.RELEASE_CHUNK, params, record_row(JobChunk))
         return rows[0]
 
     async def retry(self, chunk_id: int) -> JobChunk:

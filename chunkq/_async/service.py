@@ -6,10 +6,10 @@ What changed from the seed, and why:
   (``FOR UPDATE SKIP LOCKED``), so two workers running Workflow 2 can never get the
   same chunk; ``mark_chunk_processing`` on a chunk this service claimed just
   records the task id and extends the lease.
-- The service remembers the attempt of every chunk it claimed and presents it
-  when it heartbeats, completes or fails the chunk: if the lease lapsed and
-  another worker took the chunk over, the stale call raises ``LeaseLost`` instead
-  of overwriting the newer attempt.
+- The service remembers the attempt and lease token of every chunk it claimed
+  and presents them when it heartbeats, completes or fails the chunk: if the
+  lease lapsed and another worker took the chunk over, the stale call raises
+  ``LeaseLost`` instead of overwriting the newer attempt.
 - Calls never commit a transaction the caller opened; see ``execute.py``.
 """
 
@@ -25,7 +25,7 @@ from psycopg import AsyncConnection
 
 from .._params import default_worker_id
 from ..errors import ChunkqError
-from ..records import ChunkOutcome, CrawlJob, JobChunk, ProgressDict
+from ..records import ChunkOutcome, CrawlJob, JobChunk, Lease, ProgressDict
 from .repositories import CrawlJobRepository, JobChunkRepository
 
 logger = logging.getLogger("chunkq")
@@ -51,7 +51,7 @@ class JobChunkingService:
         self.worker_id = worker_id or default_worker_id()
         self.lease = lease
         self.chunk_size = chunk_size
-        self._attempts: dict[int, int] = {}  # chunk id -> attempt this service claimed
+        self._leases: dict[int, Lease] = {}  # chunk id -> the claim this service made
 
     async def create_chunks_for_job(
         self,
@@ -80,7 +80,7 @@ class JobChunkingService:
         if not chunks:
             return None
         chunk = chunks[0]
-        self._attempts[chunk.id] = chunk.attempt
+        self._leases[chunk.id] = chunk.lease
         logger.debug("claimed chunk %d of job %d (attempt %d)", chunk.id, chunk.job_id, chunk.attempt)
         return chunk
 
@@ -89,25 +89,29 @@ class JobChunkingService:
 
         Raises InvalidTransition when another worker is processing the chunk.
         """
-        attempt = self._attempts.get(chunk_id)
-        if attempt is not None:
+        held = self._leases.get(chunk_id)
+        if held is not None:
             with self._holding(chunk_id):
-                chunk = await self.chunk_repo.heartbeat(chunk_id, attempt, lease=self.lease, task_id=task_id)
+                chunk = await self.chunk_repo.heartbeat(chunk_id, held.attempt, lease=self.lease, task_id=task_id,
+                                                        lease_token=held.lease_token)
         else:
             chunk = await self.chunk_repo.claim_by_id(chunk_id, self.worker_id, lease=self.lease, task_id=task_id)
-            self._attempts[chunk.id] = chunk.attempt
+            self._leases[chunk.id] = chunk.lease
         logger.debug("chunk %d processing (attempt %d, task %s)", chunk_id, chunk.attempt, task_id)
         return chunk
 
     async def heartbeat(self, chunk_id: int) -> JobChunk:
         """Extends the lease of a chunk this service holds; LeaseLost if it lapsed and was taken over."""
+        held = self._held(chunk_id)
         with self._holding(chunk_id):
-            return await self.chunk_repo.heartbeat(chunk_id, self._attempts.get(chunk_id), lease=self.lease)
+            return await self.chunk_repo.heartbeat(chunk_id, held.attempt, lease=self.lease,
+                                                   lease_token=held.lease_token)
 
     async def mark_chunk_completed(self, chunk_id: int) -> ChunkOutcome:
+        held = self._held(chunk_id)
         with self._holding(chunk_id):
-            outcome = await self.chunk_repo.complete(chunk_id, self._attempts.get(chunk_id))
-        self._attempts.pop(chunk_id, None)
+            outcome = await self.chunk_repo.complete(chunk_id, held.attempt, held.lease_token)
+        self._leases.pop(chunk_id, None)
         logger.debug("chunk %d completed (attempt %d)", chunk_id, outcome.attempt)
         if outcome.job_finished:
             logger.info("job %d finished: %s", outcome.job_id, outcome.job_status)
@@ -115,9 +119,10 @@ class JobChunkingService:
 
     async def mark_chunk_failed(self, chunk_id: int, error_message: object) -> ChunkOutcome:
         """Marks the chunk failed with its error; ``retry_chunk`` puts it back."""
+        held = self._held(chunk_id)
         with self._holding(chunk_id):
-            outcome = await self.chunk_repo.fail(chunk_id, self._attempts.get(chunk_id), error_message)
-        self._attempts.pop(chunk_id, None)
+            outcome = await self.chunk_repo.fail(chunk_id, held.attempt, error_message, lease_token=held.lease_token)
+        self._leases.pop(chunk_id, None)
         logger.warning("chunk %d of job %d failed (attempt %d): %s", chunk_id, outcome.job_id, outcome.attempt,
                        error_message)
         if outcome.job_finished:
@@ -143,12 +148,17 @@ class JobChunkingService:
         logger.info("job %d cancelled", job_id)
         return job
 
+    def _held(self, chunk_id: int) -> Lease:
+        # A chunk this service did not claim is reported without attempt or token:
+        # chunkq allows that to chunkq_app (an operator), and refuses anyone else.
+        return self._leases.get(chunk_id) or Lease(chunk_id, None)
+
     @contextmanager
     def _holding(self, chunk_id: int) -> Iterator[None]:
         # Once chunkq refuses a report, this service no longer holds the chunk. A
-        # connection error keeps the attempt, so the report can be made again.
+        # connection error keeps the lease, so the report can be made again.
         try:
             yield
         except ChunkqError:
-            self._attempts.pop(chunk_id, None)
+            self._leases.pop(chunk_id, None)
             raise

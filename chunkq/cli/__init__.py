@@ -30,6 +30,7 @@ from ..errors import (
     PermissionDenied,
     SchemaNotMigrated,
     ValidationError,
+    one_line,
 )
 from ..records import ChunkStatus, JobStatus
 from ..sync import CrawlJobRepository, JobChunkRepository
@@ -77,8 +78,7 @@ def connect(args: argparse.Namespace, *, check: bool = True) -> psycopg.Connecti
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise Failure(f"cannot connect to the database: {str(exc).strip().splitlines()[0]}",
-                      EXIT_UNREACHABLE) from exc
+        raise Failure(f"cannot connect to the database: {one_line(exc)}", EXIT_UNREACHABLE) from exc
     if check:
         schema.check_schema(conn)
     return conn
@@ -140,8 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             rows = [{"migration": name, "applied": applied} for name, applied in schema.status(dsn)]
             return listed(args, rows, ["migration", "applied"])
     except psycopg.OperationalError as exc:
-        raise Failure(f"cannot connect to the database: {str(exc).strip().splitlines()[0]}",
-                      EXIT_UNREACHABLE) from exc
+        raise Failure(f"cannot connect to the database: {one_line(exc)}", EXIT_UNREACHABLE) from exc
     return done(args, result, message)
 
 
@@ -333,11 +332,16 @@ def cmd_embedded(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from workers.config import OneLineParser
+
+    class Parser(OneLineParser):
+        error_prefix = "chunkq: "
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    parser = argparse.ArgumentParser(prog="chunkq", description=__doc__,
+    parser = Parser(prog="chunkq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn", dest="global_dsn", metavar="DSN",
                         help="database for any command (also accepted after the command)")
@@ -441,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidTransition, LeaseLost, ChunkqError) as exc:
         code, message = EXIT_REFUSED, str(exc)
     except psycopg.OperationalError as exc:
-        code, message = EXIT_UNREACHABLE, f"database error: {str(exc).strip().splitlines()[0]}"
+        code, message = EXIT_UNREACHABLE, f"database error: {one_line(exc)}"
     except KeyboardInterrupt:
         code, message = EXIT_INTERRUPTED, "interrupted"
     errors.print(f"chunkq: {message}", highlight=False, markup=False)

@@ -44,3 +44,12 @@ NOT_CALLABLE = "a string"
 def crashes(chunk: ChunkTask) -> None:
     """A poison pill: the worker process dies on this chunk, every time."""
     os._exit(3)
+
+
+def slow_index(chunk: ChunkTask) -> None:
+    """Chunk CHUNKQ_TEST_SLOW_INDEX sleeps CHUNKQ_TEST_SLEEP seconds (ignoring should_stop) after touching
+    the file CHUNKQ_TEST_MARK; the others are instant."""
+    if chunk.chunk_index == int(os.environ.get("CHUNKQ_TEST_SLOW_INDEX", "0")):
+        with open(os.environ["CHUNKQ_TEST_MARK"], "w") as mark:
+            mark.write(str(os.getpid()))
+        time.sleep(SLEEP)

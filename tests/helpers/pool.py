@@ -73,6 +73,15 @@ class Pool:
         return [line["pid"] for line in self.lines() if line.get("message") == "worker started"]
 
 
+def alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (dead, not yet reaped by whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and line.split()[1] == "Z" for line in status)
+    except FileNotFoundError:
+        return False
+
+
 def progress(dsn: str, job_id: int | None = None) -> dict[str, int]:
     """Chunk counts by status, over one job or all."""
     with psycopg.connect(dsn) as conn:

@@ -44,26 +44,34 @@ def refused(conn: psycopg.Connection, statement: str, *params: object) -> str:
     return caught.value.sqlstate
 
 
+def leases(conn: psycopg.Connection, worker: str = "w", limit: int = 1, job_id: int | None = None
+           ) -> list[tuple[int, int, uuid.UUID]]:
+    """Claims chunks; returns (chunk id, attempt, lease token) triples."""
+    return conn.execute("SELECT id, attempt, lease_token FROM chunkq.claim_chunks(%s, %s, %s)",
+                        (worker, limit, job_id)).fetchall()
+
+
 def test_worker_role(conn, login):
     job_id = new_job(conn, 500 * 4)
     with psycopg.connect(login("chunkq_worker"), autocommit=True) as worker:
-        (a, att_a), (b, att_b), (c, att_c) = claim(worker, "w", limit=3)
-        worker.execute("SELECT chunkq.heartbeat_chunk(%s, %s)", (a, att_a))
-        worker.execute("SELECT * FROM chunkq.heartbeat_chunks(%s, %s)", ([a, b], [att_a, att_b]))
-        worker.execute("SELECT chunkq.complete_chunk(%s, %s)", (a, att_a))
-        worker.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom', true)", (b, att_b))
-        worker.execute("SELECT chunkq.release_chunk(%s, %s)", (c, att_c))
+        (a, att_a, tok_a), (b, att_b, tok_b), (c, att_c, tok_c) = leases(worker, "w", limit=3)
+        worker.execute("SELECT chunkq.heartbeat_chunk(%s, %s, p_lease_token => %s)", (a, att_a, tok_a))
+        worker.execute("SELECT * FROM chunkq.heartbeat_chunks(%s, %s, NULL, %s)",
+                       ([a, b], [att_a, att_b], [tok_a, tok_b]))
+        worker.execute("SELECT chunkq.complete_chunk(%s, %s, %s)", (a, att_a, tok_a))
+        worker.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom', true, p_lease_token => %s)", (b, att_b, tok_b))
+        worker.execute("SELECT chunkq.release_chunk(%s, %s, %s)", (c, att_c, tok_c))
         worker.execute("SELECT chunkq.reclaim_expired_chunks()")
-        (e, att_e), = claim(worker, "w", job_id=job_id)
-        assert worker.execute("SELECT count(*) FROM chunkq.complete_and_claim(%s, %s, 'w', 0)",
-                              ([e], [att_e])).fetchone() == (0,)
+        (e, att_e, tok_e), = leases(worker, "w", job_id=job_id)
+        assert worker.execute("SELECT count(*) FROM chunkq.complete_and_claim(%s, %s, 'w', 0, NULL, NULL, %s)",
+                              ([e], [att_e], [tok_e])).fetchone() == (0,)
         assert worker.execute("SELECT keywords FROM chunkq.get_job(%s)", (job_id,)).fetchone() == (["cat"],)
         assert worker.execute("SELECT chunkq.schema_version()").fetchone()[0] >= 5
 
-        (d, att_d), = claim(worker, "w", job_id=job_id)
+        (d, att_d, tok_d), = leases(worker, "w", job_id=job_id)
         before = snapshot(conn)
-        assert refused(worker, "SELECT chunkq.complete_chunk(%s)", d) == DENIED  # no token: not a worker's call
-        assert refused(worker, "SELECT chunkq.complete_chunk(%s, %s)", d, att_d + 1) == "CQ006"
+        assert refused(worker, "SELECT chunkq.complete_chunk(%s)", d) == DENIED  # no attempt: not a worker's call
+        assert refused(worker, "SELECT chunkq.complete_chunk(%s, %s, %s)", d, att_d + 1, tok_d) == "CQ006"
         assert refused(worker, "UPDATE chunkq.job_chunks SET status = 'completed'") == DENIED
         assert refused(worker, "SELECT * FROM chunkq.job_chunks") == DENIED
         assert refused(worker, "DELETE FROM chunkq.chunk_errors") == DENIED
@@ -73,6 +81,45 @@ def test_worker_role(conn, login):
         assert refused(worker, "DROP TABLE chunkq.job_chunks") == DENIED
         assert refused(worker, "SELECT chunkq._apply_chunk_moves('{}')") == DENIED
         assert snapshot(conn) == before
+
+
+GUESSES = [
+    ("complete_chunk(%(id)s, %(attempt)s)", "CQ006"),
+    ("complete_chunk(%(id)s, %(attempt)s, %(guess)s)", "CQ006"),
+    ("heartbeat_chunk(%(id)s, %(attempt)s)", "CQ006"),
+    ("heartbeat_chunk(%(id)s, %(attempt)s, p_lease_token => %(guess)s)", "CQ006"),
+    ("fail_chunk(%(id)s, %(attempt)s, 'guessed', false)", "CQ006"),
+    ("fail_chunk(%(id)s, %(attempt)s, 'guessed', false, p_lease_token => %(guess)s)", "CQ006"),
+    ("release_chunk(%(id)s, %(attempt)s)", "CQ006"),
+    ("release_chunk(%(id)s, %(attempt)s, %(guess)s)", "CQ006"),
+    ("complete_and_claim(ARRAY[%(id)s]::bigint[], ARRAY[%(attempt)s]::integer[], 'x', 0)", "CQ006"),
+    ("complete_and_claim(ARRAY[%(id)s]::bigint[], ARRAY[%(attempt)s]::integer[], 'x', 0, NULL, NULL,"
+     " ARRAY[%(guess)s]::uuid[])", "CQ006"),
+]
+
+
+@pytest.mark.parametrize(("report", "sqlstate"), GUESSES, ids=[g[0].split("(")[0] + str(i) for i, g in enumerate(GUESSES)])
+def test_a_worker_cannot_report_on_a_chunk_another_worker_holds(conn, login, report, sqlstate):
+    """The attempt is a counter anyone can guess; the lease token only the claimer has."""
+    new_job(conn, 500 * 2)
+    with psycopg.connect(login("chunkq_worker"), autocommit=True) as holder, \
+            psycopg.connect(login("chunkq_worker"), autocommit=True) as intruder:
+        (chunk_id, attempt, token), = leases(holder, "holder")
+        seen = intruder.execute("SELECT attempt, lease_token FROM chunkq.get_chunk(%s)", (chunk_id,)).fetchone()
+        assert seen == (attempt, None), "a worker must not read another worker's lease token"
+        before = snapshot(conn)
+        params = {"id": chunk_id, "attempt": attempt, "guess": uuid.uuid4()}
+        with pytest.raises(psycopg.Error) as caught:
+            intruder.execute(f"SELECT * FROM chunkq.{report}", params)
+        assert caught.value.sqlstate == sqlstate
+        lost = intruder.execute("SELECT held FROM chunkq.heartbeat_chunks(%s, %s, NULL, %s)",
+                                ([chunk_id], [attempt], [params["guess"]])).fetchall()
+        assert lost == [(False,)]
+        assert snapshot(conn) == before
+        # The holder's reports still count.
+        holder.execute("SELECT chunkq.complete_chunk(%s, %s, %s)", (chunk_id, attempt, token))
+    assert conn.execute("SELECT status::text FROM chunkq.job_chunks WHERE id = %s", (chunk_id,)).fetchone() == (
+        "completed",)
 
 
 def test_app_role(conn, login):

@@ -159,6 +159,24 @@ def test_sigterm_hands_back_chunks_that_outlast_the_grace_period(dsn, conn, star
     assert again.stop() == 0
 
 
+def test_a_drain_past_its_grace_reports_finished_chunks_as_finished(dsn, conn, start_pool, tmp_path):
+    """Chunks 0-2 finish at once and wait to be reported with the next claim; chunk 3 outlasts the grace."""
+    job_id = new_job(conn, 500 * 4)
+    mark = tmp_path / "slow-started"
+    pool = start_pool("--handler", "tests.helpers.handlers:slow_index", "--processes", "1", "--batch", "4",
+                      "--grace", "1", env={"CHUNKQ_TEST_SLEEP": "60", "CHUNKQ_TEST_SLOW_INDEX": "3",
+                                           "CHUNKQ_TEST_MARK": str(mark)})
+    wait_until(mark.exists, 30, "the slow chunk to start")
+    pool.signal(signal.SIGTERM)
+    assert pool.wait(30) == 0
+    rows = conn.execute(
+        "SELECT chunk_index, status::text, attempt, retry_count FROM chunkq.job_chunks WHERE job_id = %s"
+        " ORDER BY chunk_index", (job_id,)).fetchall()
+    assert rows == [(0, "completed", 1, 0), (1, "completed", 1, 0), (2, "completed", 1, 0), (3, "pending", 1, 0)]
+    assert [line.get("outcome") for line in pool.lines()].count("released") == 1
+    assert_counters_consistent(conn)
+
+
 def test_second_signal_exits_at_once(dsn, conn, start_pool):
     new_job(conn, 500 * 4)
     pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", "--grace", "60",

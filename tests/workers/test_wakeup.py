@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+
+import pytest
 
 from tests.helpers.db import new_job
 from tests.helpers.pool import progress, wait_until
+from tests.workers.test_supervisor import HOSTILE_PAYLOADS
 from workers.config import PoolConfig
-from workers.supervisor import Supervisor
+from workers.supervisor import Supervisor, chunks_announced
 
 
 def started(pool, workers):
@@ -33,20 +37,57 @@ def test_poll_only_mode(dsn, conn, start_pool):
     assert pool.stop() == 0
 
 
-def test_one_chunk_wakes_one_idle_worker():
-    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="workers.sample:noop", processes=4))
+def woken(readers: list) -> list[bool]:
+    """Which workers found a wake-up in their pipe (read, so that the next check starts afresh)."""
+    flags = []
+    for reader in readers:
+        flags.append(reader.poll(0))
+        if flags[-1]:
+            os.read(reader.fileno(), 4096)
+    return flags
+
+
+def idle_supervisor(**options) -> tuple[Supervisor, list]:
+    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="workers.sample:noop", **options))
+    readers = [slot.new_channel(supervisor.context) for slot in supervisor.slots]
     for slot in supervisor.slots:
         supervisor.idle[slot.index] = 1
-    supervisor.wake('{"job_id": 7, "chunks": 1}')
-    assert [slot.wake.is_set() for slot in supervisor.slots] == [True, False, False, False]
-    supervisor.wake('{"job_id": 7, "chunks": 100}')
-    assert all(slot.wake.is_set() for slot in supervisor.slots)
+    return supervisor, readers
+
+
+def test_one_chunk_wakes_one_idle_worker():
+    supervisor, readers = idle_supervisor(processes=4)
+    supervisor.wake(chunks_announced('{"job_id": 7, "chunks": 1}', None))
+    assert woken(readers) == [True, False, False, False]
+    supervisor.wake(chunks_announced('{"job_id": 7, "chunks": 100}', None))
+    assert woken(readers) == [False, True, True, True]  # the first is busy now
 
 
 def test_wakeups_for_other_jobs_are_ignored_with_a_job_filter():
-    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="workers.sample:noop", processes=2, job_id=5))
-    supervisor.idle[0] = supervisor.idle[1] = 1
-    supervisor.wake('{"job_id": 6, "chunks": 3}')
-    assert not any(slot.wake.is_set() for slot in supervisor.slots)
-    supervisor.wake('{"job_id": 5, "chunks": 1}')
-    assert supervisor.slots[0].wake.is_set()
+    supervisor, readers = idle_supervisor(processes=2, job_id=5)
+    supervisor.wake(chunks_announced('{"job_id": 6, "chunks": 3}', 5))
+    assert woken(readers) == [False, False]
+    supervisor.wake(chunks_announced('{"job_id": 5, "chunks": 1}', 5))
+    assert woken(readers) == [True, False]
+
+
+@pytest.mark.parametrize("payload", HOSTILE_PAYLOADS)
+def test_a_forged_payload_wakes_idle_workers_at_worst(payload):
+    """Waking too many is harmless (they find nothing); crashing, or waking nobody, is not."""
+    supervisor, readers = idle_supervisor(processes=3, job_id=5)
+    supervisor.wake(chunks_announced(payload, 5))
+    assert any(woken(readers))
+
+
+def test_a_payload_that_says_nothing_usable_wakes_every_idle_worker():
+    for payload in ("5", '{"chunks": "x"}', '{"chunks": 1e999}', '{"chunks": -3}', "[]", "{" * 3000, ""):
+        supervisor, readers = idle_supervisor(processes=3)
+        supervisor.wake(chunks_announced(payload, None))
+        assert woken(readers) == [True, True, True], payload
+
+
+def test_a_dead_worker_s_pipe_does_not_stop_the_wake_up():
+    supervisor, readers = idle_supervisor(processes=2)
+    readers[0].close()  # the worker died: its end of the pipe is gone
+    supervisor.wake(chunks_announced("{}", None))
+    assert woken(readers[1:]) == [True]

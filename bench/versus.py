@@ -1,0 +1,73 @@
+"""This checkout's worker pool against another commit's, drain after drain, in one run.
+
+    python -m bench.versus --baseline REF [--dsn DSN] [--repeats 3] [--chunks 20000] [--processes 4]
+                           [--batches 1,100]
+
+How much a change to the schema or the pool costs (or gains), measured side by
+side: the tree of REF (any git commit or ref) is unpacked into a temporary
+folder; each side drains a no-op job with its own ``python -m workers`` (as
+bench/pool.py does) in a fresh database migrated by its own migrations, on the
+same server. The sides alternate, repeat after repeat, so that drift in the
+machine hits both alike; the table shows medians, min-max and the ratio of the
+medians.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import psycopg
+
+from bench.common import Summary, bench_database, parser, server_line
+from bench.pool import ROOT, drain
+from chunkq.embedded import embedded_server
+
+
+def unpack(ref: str, into: Path) -> Path:
+    """The files of commit ``ref`` of this repository, in ``into``."""
+    archive = into / "baseline.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), ref], cwd=ROOT, check=True)
+    tree = into / "baseline"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def main() -> None:
+    p = parser("this checkout's pool against another commit's, side by side")
+    p.add_argument("--baseline", required=True, help="the git commit or ref to compare with, e.g. HEAD~1")
+    p.add_argument("--chunks", type=int, default=20_000, help="chunks per drain (default 20000)")
+    p.add_argument("--processes", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--batches", default="1,100", help="chunks per claim, comma-separated (default 1,100)")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    samples: dict[tuple[str, int], list[float]] = {}
+    with ExitStack() as stack:
+        admin = args.dsn or stack.enter_context(embedded_server())
+        baseline = unpack(args.baseline, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        sides = {"this checkout": (ROOT, stack.enter_context(bench_database(admin))),
+                 f"baseline {commit}": (baseline, stack.enter_context(bench_database(admin, checkout=baseline)))}
+        print(server_line(admin))
+        for _ in range(args.repeats):
+            for batch in batches:
+                for side, (root, dsn) in sides.items():
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        rate = drain(dsn, conn, args.processes, batch, args.chunks, root=root).drain.rate
+                    samples.setdefault((side, batch), []).append(rate)
+                    print(f"    {side}, {args.processes} processes, batch {batch}: {rate:,.0f} chunks/s", flush=True)
+    this, base = sides
+    print(f"\n| chunks per claim | {this}, chunks/s | {base}, chunks/s | this / baseline |")
+    print("|---:|---:|---:|---:|")
+    for batch in batches:
+        new, old = Summary.of(samples[(this, batch)]), Summary.of(samples[(base, batch)])
+        print(f"| {batch} | {new:,.0f} | {old:,.0f} | {new.median / old.median:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
