@@ -8,8 +8,9 @@ side: the tree of REF (any git commit or ref) is unpacked into a temporary
 folder; each side drains a no-op job with its own ``python -m workers`` (as
 bench/pool.py does) in a fresh database migrated by its own migrations, on the
 same server. The sides alternate, repeat after repeat, so that drift in the
-machine hits both alike; the table shows medians, min-max and the ratio of the
-medians.
+machine hits both alike; the tables show medians, min-max and the ratio of the
+medians, of the rate and of the CPU per chunk (worker processes, and the server
+when it runs on this machine), which drifts less than the rate.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
-    samples: dict[tuple[str, int], list[float]] = {}
+    samples: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:
         admin = args.dsn or stack.enter_context(embedded_server())
         baseline = unpack(args.baseline, Path(stack.enter_context(tempfile.TemporaryDirectory())))
@@ -58,15 +59,23 @@ def main() -> None:
             for batch in batches:
                 for side, (root, dsn) in sides.items():
                     with psycopg.connect(dsn, autocommit=True) as conn:
-                        rate = drain(dsn, conn, args.processes, batch, args.chunks, root=root).drain.rate
-                    samples.setdefault((side, batch), []).append(rate)
-                    print(f"    {side}, {args.processes} processes, batch {batch}: {rate:,.0f} chunks/s", flush=True)
+                        measured = drain(dsn, conn, args.processes, batch, args.chunks, root=root).drain
+                    for what, value in (("chunks/s", measured.rate), ("worker CPU ms/chunk", measured.worker_cpu_ms),
+                                        ("server CPU ms/chunk", measured.postgres_cpu_ms)):
+                        if value is not None:
+                            samples.setdefault((what, side, batch), []).append(value)
+                    print(f"    {side}, {args.processes} processes, batch {batch}: {measured.rate:,.0f} chunks/s,"
+                          f" worker {measured.worker_cpu_ms:.3f} ms/chunk", flush=True)
     this, base = sides
-    print(f"\n| chunks per claim | {this}, chunks/s | {base}, chunks/s | this / baseline |")
-    print("|---:|---:|---:|---:|")
-    for batch in batches:
-        new, old = Summary.of(samples[(this, batch)]), Summary.of(samples[(base, batch)])
-        print(f"| {batch} | {new:,.0f} | {old:,.0f} | {new.median / old.median:.3f} |")
+    for what in ("chunks/s", "worker CPU ms/chunk", "server CPU ms/chunk"):
+        if (what, this, batches[0]) not in samples:
+            continue
+        spec = ",.0f" if what == "chunks/s" else ".3f"
+        print(f"\n| chunks per claim | {this}, {what} | {base}, {what} | this / baseline |")
+        print("|---:|---:|---:|---:|")
+        for batch in batches:
+            new, old = Summary.of(samples[(what, this, batch)]), Summary.of(samples[(what, base, batch)])
+            print(f"| {batch} | {new:{spec}} | {old:{spec}} | {new.median / old.median:.3f} |")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class Worker:
         self.session = Session(config, self.stopping)
         self.holdings = Holdings()
         self.keywords: dict[int, Any] = {}  # job id -> keywords, fetched once per job
-        self.completed_since = 0.0  # when the oldest completion not reported yet was finished
+        self.completed_since: float | None = None  # when the oldest completion not reported yet was finished
 
     @functools.cached_property
     def worker_id(self) -> str:
@@ -160,19 +160,21 @@ class Worker:
         with self.holdings.lock:
             finished = self.holdings.finished()
             done = [held for held in finished if not held.lost.is_set()]
-            if not done and not limit:
-                return []
-            try:
-                claimed = session.chunks.complete_and_claim(
-                    [held.chunk.lease for held in done], self.worker_id, limit=limit, job_id=self.config.job_id,
-                    lease=self.config.lease)
-                outcomes = ["completed"] * len(done)
-            except REFUSALS:
-                outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
-                claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
-                                                lease=self.config.lease) if limit else [])
+            claimed: list[JobChunk] = []
+            outcomes: list[str] = []
+            if done or limit:
+                try:
+                    claimed = session.chunks.complete_and_claim(
+                        [held.chunk.lease for held in done], self.worker_id, limit=limit,
+                        job_id=self.config.job_id, lease=self.config.lease)
+                    outcomes = ["completed"] * len(done)
+                except REFUSALS:
+                    outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
+                    claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
+                                                    lease=self.config.lease) if limit else [])
             for held in finished:
                 self.holdings.drop(held.chunk.id)
+            self.completed_since = None
             self.holdings.add(claimed)
         for held, outcome in [*zip(done, outcomes), *((h, "lease_lost") for h in finished if h.lost.is_set())]:
             self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
@@ -235,7 +237,7 @@ class Worker:
             took = self.run_one(held)
             # Report now if waiting for one more chunk like this one would hold the
             # completions back longer than FLUSH_AFTER (slow chunks: each one at once).
-            if self.holdings.finished() and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
+            if self.completed_since is not None and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
                 self.session.call(self.report_completed)
         if self.stopping.is_set():
             self.session.call(self.hand_back)
@@ -259,7 +261,7 @@ class Worker:
         duration_ms = round(took * 1000, 1)
         if error is None:
             with self.holdings.lock:  # so that a hand-back sees it either running or finished
-                if not self.holdings.finished():
+                if self.completed_since is None:
                     self.completed_since = time.monotonic()
                 held.took_ms = duration_ms
         else:
