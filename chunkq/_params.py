@@ -48,10 +48,12 @@ def error_text(error: object) -> str:
 def lease_arrays(held: Iterable[Lease | tuple[int, int]]) -> dict[str, list[Any] | None]:
     """Parallel arrays of chunk ids, attempts and lease tokens for the calls that report on many chunks;
     ``lease_tokens`` is None when no lease carries a token (an operator's report: chunkq_app only)."""
-    leases = [Lease(*lease) for lease in held]
-    tokens: list[UUID | None] = [lease.lease_token for lease in leases]
-    return {
-        "chunk_ids": [lease.chunk_id for lease in leases],
-        "attempts": [lease.attempt for lease in leases],
-        "lease_tokens": tokens if any(token is not None for token in tokens) else None,
-    }
+    ids: list[int] = []
+    attempts: list[int | None] = []
+    tokens: list[UUID | None] = []
+    for lease in held:
+        ids.append(lease[0])
+        attempts.append(lease[1])
+        tokens.append(lease[2] if len(lease) > 2 else None)
+    return {"chunk_ids": ids, "attempts": attempts,
+            "lease_tokens": tokens if any(token is not None for token in tokens) else None}
