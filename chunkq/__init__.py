@@ -20,25 +20,25 @@ from .errors import (
     SchemaNotMigrated,
     ValidationError,
 )
-from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 from .records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
     CrawlJob,
+    ExpiredLease,
+    FailureKind,
     JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     JobStatus,
     LeaseState,
+    LiveWorker,
+    PruneResult,
     QueueDepth,
     QueueStats,
 )
+from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 
 __all__ = [
     "SCHEMA_VERSION",

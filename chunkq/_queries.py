@@ -9,18 +9,18 @@ added by a later migration does not break an older client.
 from __future__ import annotations
 
 from .records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     CrawlJob,
+    ExpiredLease,
+    FailureKind,
     JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     LeaseState,
+    LiveWorker,
+    PruneResult,
     QueueDepth,
     QueueStats,
     columns,
@@ -57,8 +57,7 @@ CREATE_CHUNKS = (
 )
 GET_CHUNK = f"SELECT {CHUNK} FROM chunkq.get_chunk(%(chunk_id)s::bigint)"
 LIST_CHUNKS = (
-    f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status,"
-    " %(limit)s::integer)"
+    f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status, %(limit)s::integer)"
 )
 FAILED_CHUNKS = f"SELECT {CHUNK} FROM chunkq.failed_chunks(%(job_id)s::bigint)"
 CHUNK_ERROR_HISTORY = f"SELECT {columns(ChunkError)} FROM chunkq.chunk_error_history(%(chunk_id)s::bigint)"

@@ -76,8 +76,26 @@ class Lease(NamedTuple):
     lease_token: UUID | None = None
 
 
+class ImageRange:
+    """What a chunk covers, for anything with ``image_start`` and ``image_end`` (both inclusive): the
+    client's JobChunk and the pool's ChunkTask alike."""
+
+    __slots__ = ()
+    image_start: int
+    image_end: int
+
+    @property
+    def image_range(self) -> dict[str, int]:
+        """The seed's shape: ``{'start': first image, 'end': last image}``, both inclusive."""
+        return {"start": self.image_start, "end": self.image_end}
+
+    @property
+    def image_count(self) -> int:
+        return self.image_end - self.image_start + 1
+
+
 @dataclass(frozen=True, slots=True)
-class JobChunk:
+class JobChunk(ImageRange):
     """A row of chunkq.job_chunks: images image_start..image_end (inclusive) of a job."""
 
     id: int
@@ -107,15 +125,6 @@ class JobChunk:
     def lease(self) -> Lease:
         """What a report on this claimed chunk presents: its id, attempt and lease token."""
         return Lease(self.id, self.attempt, self.lease_token)
-
-    @property
-    def image_range(self) -> dict[str, int]:
-        """The seed's shape: ``{'start': first image, 'end': last image}``, both inclusive."""
-        return {"start": self.image_start, "end": self.image_end}
-
-    @property
-    def image_count(self) -> int:
-        return self.image_end - self.image_start + 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
-
 from typing import Any
+from urllib.parse import urlencode
 
 from psycopg import Connection
 from psycopg.conninfo import conninfo_to_dict

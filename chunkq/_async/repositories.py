@@ -21,14 +21,12 @@ from psycopg.rows import dict_row
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays
 from ..records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
     CrawlJob,
+    ExpiredLease,
+    FailureKind,
     JobChunk,
     JobErrorSummary,
     JobOverview,
@@ -36,6 +34,8 @@ from ..records import (
     JobStatus,
     Lease,
     LeaseState,
+    LiveWorker,
+    PruneResult,
     QueueDepth,
     QueueStats,
     record_row,
@@ -220,8 +220,13 @@ class JobChunkRepository:
         lease_token: UUID | None = None,
     ) -> JobChunk:
         """Extends the lease of a chunk this caller holds; LeaseLost if it does not any more."""
-        params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id,
-                  "lease_token": lease_token}
+        params = {
+            "chunk_id": chunk_id,
+            "attempt": attempt,
+            "lease": interval(lease),
+            "task_id": task_id,
+            "lease_token": lease_token,
+        }
         rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
         return rows[0]
 

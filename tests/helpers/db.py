@@ -16,10 +16,7 @@ MIGRATIONS = sorted(p.stem for p in migrations_path().glob("*.sql") if not p.nam
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every chunkq table, sorted: equal snapshots mean nothing changed."""
-    return {
-        table: sorted(conn.execute(f"SELECT t::text FROM chunkq.{table} t").fetchall())
-        for table in TABLES
-    }
+    return {table: sorted(conn.execute(f"SELECT t::text FROM chunkq.{table} t").fetchall()) for table in TABLES}
 
 
 def new_job(conn: psycopg.Connection, max_images: int = 1500, *, chunk: bool = True, **kwargs: Any) -> int:
@@ -34,11 +31,11 @@ def new_job(conn: psycopg.Connection, max_images: int = 1500, *, chunk: bool = T
     return job_id
 
 
-def claim(conn: psycopg.Connection, worker: str = "w", limit: int = 1, job_id: int | None = None) -> list[tuple[int, int]]:
+def claim(
+    conn: psycopg.Connection, worker: str = "w", limit: int = 1, job_id: int | None = None
+) -> list[tuple[int, int]]:
     """Claims chunks; returns (chunk id, attempt) pairs in claim order."""
-    return conn.execute(
-        "SELECT id, attempt FROM chunkq.claim_chunks(%s, %s, %s)", (worker, limit, job_id)
-    ).fetchall()
+    return conn.execute("SELECT id, attempt FROM chunkq.claim_chunks(%s, %s, %s)", (worker, limit, job_id)).fetchall()
 
 
 def statuses(conn: psycopg.Connection, job_id: int) -> dict[str, int]:

@@ -50,8 +50,6 @@ def test_yoyo_url_accepts_every_dsn_form():
         yoyo_url("host=localhost dbname")
 
 
-
-
 def test_migrate_is_idempotent_and_rollback_removes_everything(empty_dsn):
     assert chunkq.migrate(empty_dsn) == MIGRATIONS
     assert chunkq.migrate(empty_dsn) == []
@@ -75,12 +73,20 @@ def test_rolling_back_to_0001_restores_its_api(empty_dsn):
     rolled = yoyo("rollback", "--revision", "0002.worker-pool", dsn=empty_dsn)  # the newest back to 0002
     assert rolled.returncode == 0, rolled.stderr
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        signatures = {row[0] for row in conn.execute(
-            "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'chunkq'::regnamespace"
-            " AND p.proname IN ('fail_chunk', 'release_chunk', 'heartbeat_chunks', 'schema_version', 'list_chunks',"
-            " 'list_jobs', 'job_progress')")}
-        assert signatures == {"chunkq.fail_chunk(bigint,integer,text,boolean)", "chunkq.schema_version()",
-                              "chunkq.list_chunks(bigint,chunkq.chunk_status)", "chunkq.job_progress(bigint)"}
+        signatures = {
+            row[0]
+            for row in conn.execute(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'chunkq'::regnamespace"
+                " AND p.proname IN ('fail_chunk', 'release_chunk', 'heartbeat_chunks', 'schema_version', 'list_chunks',"
+                " 'list_jobs', 'job_progress')"
+            )
+        }
+        assert signatures == {
+            "chunkq.fail_chunk(bigint,integer,text,boolean)",
+            "chunkq.schema_version()",
+            "chunkq.list_chunks(bigint,chunkq.chunk_status)",
+            "chunkq.job_progress(bigint)",
+        }
         assert conn.execute("SELECT chunkq.schema_version()").fetchone() == (1,)
 
 
@@ -91,7 +97,7 @@ def test_each_rollback_restores_the_schema_before_its_migration(empty_dsn):
             before.append(describe(conn) if chunkq_schema_exists(empty_dsn) else "no schema")
             applied = yoyo("apply", "--revision", migration, dsn=empty_dsn)
             assert applied.returncode == 0, applied.stderr
-        for migration, expected in zip(MIGRATIONS[::-1], before[::-1]):
+        for migration, expected in zip(MIGRATIONS[::-1], before[::-1], strict=True):
             assert chunkq.rollback(empty_dsn, steps=1) == [migration]
             after = describe(conn) if chunkq_schema_exists(empty_dsn) else "no schema"
             assert after == expected, f"rolling back {migration} left a different schema"

@@ -11,8 +11,9 @@ from tests.helpers.db import assert_counters_consistent, claim, job_status, new_
 def test_claim_sets_lease_attempt_and_worker(conn):
     job_id = new_job(conn, 1500)
     row = conn.execute(
-        "SELECT status::text, attempt, worker_id, lease_expires_at - now() BETWEEN interval '299 s' AND interval '300 s',"
-        " claimed_at = now() FROM chunkq.claim_chunks('host:1')"
+        "SELECT status::text, attempt, worker_id,"
+        " lease_expires_at - now() BETWEEN interval '299 s' AND interval '300 s', claimed_at = now()"
+        " FROM chunkq.claim_chunks('host:1')"
     ).fetchone()
     assert row == ("processing", 1, "host:1", True, True)
     assert job_status(conn, job_id) == "running"
@@ -55,7 +56,7 @@ def test_claim_limited_to_one_job(conn):
 
 def test_claim_skips_chunks_waiting_out_a_backoff(conn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'flaky', true)", (chunk_id, attempt))
     assert claim(conn) == []  # pending, but not available yet
     conn.execute("UPDATE chunkq.job_chunks SET available_at = now() - interval '1 s'")

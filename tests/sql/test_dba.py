@@ -13,10 +13,10 @@ from tests.helpers.db import assert_counters_consistent, claim, new_job, snapsho
 def test_paused_job_is_not_claimed_and_resumes(conn, dsn):
     paused = new_job(conn, 500 * 4, priority=9)
     other = new_job(conn, 500 * 2, priority=1)
-    (held, attempt), = claim(conn, job_id=paused)
+    ((held, attempt),) = claim(conn, job_id=paused)
     row = conn.execute("SELECT paused_at IS NOT NULL, status::text FROM chunkq.pause_job(%s)", (paused,)).fetchone()
     assert row == (True, "running")
-    assert {job for job, in conn.execute("SELECT job_id FROM chunkq.claim_chunks('w', 10)")} == {other}
+    assert {job for (job,) in conn.execute("SELECT job_id FROM chunkq.claim_chunks('w', 10)")} == {other}
     assert claim(conn, job_id=paused) == []
     # The chunk already running carries on, and a retry of it stays held back.
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'flaky', true)", (held, attempt))
@@ -49,7 +49,7 @@ def test_finished_jobs_refuse_job_operations(conn, call, state):
     if state == "cancelled":
         conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
     else:
-        (chunk_id, attempt), = claim(conn)
+        ((chunk_id, attempt),) = claim(conn)
         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
     with pytest.raises(psycopg.Error) as caught:
@@ -58,8 +58,17 @@ def test_finished_jobs_refuse_job_operations(conn, call, state):
     assert snapshot(conn) == before
 
 
-@pytest.mark.parametrize("call", ["pause_job(4242)", "resume_job(4242)", "set_job_priority(4242, 3)",
-                                  "retry_failed_chunks(4242)", "delete_job(4242)", "job_error_summary(4242)"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "pause_job(4242)",
+        "resume_job(4242)",
+        "set_job_priority(4242, 3)",
+        "retry_failed_chunks(4242)",
+        "delete_job(4242)",
+        "job_error_summary(4242)",
+    ],
+)
 def test_unknown_jobs(conn, call):
     with pytest.raises(psycopg.Error) as caught:
         conn.execute(f"SELECT * FROM chunkq.{call}")
@@ -68,7 +77,7 @@ def test_unknown_jobs(conn, call):
 
 def test_set_job_priority(conn):
     job_id = new_job(conn, 1500, priority=2)
-    (done, attempt), = claim(conn)
+    ((done, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (done, attempt))
     assert conn.execute("SELECT priority FROM chunkq.set_job_priority(%s, 8)", (job_id,)).fetchone() == (8,)
     rows = conn.execute("SELECT status::text, priority FROM chunkq.job_chunks ORDER BY chunk_index").fetchall()
@@ -96,14 +105,15 @@ def test_prune_deletes_old_finished_jobs_in_bounded_batches(conn):
     running = new_job(conn, 500)
     calls = []
     while True:
-        result = conn.execute("SELECT jobs_deleted, chunks_deleted, done FROM chunkq.prune_finished_jobs("
-                              "'30 days', 3)").fetchone()
+        result = conn.execute(
+            "SELECT jobs_deleted, chunks_deleted, done FROM chunkq.prune_finished_jobs('30 days', 3)"
+        ).fetchone()
         calls.append(result)
         if result[2]:
             break
     assert all(chunks <= 3 for _, chunks, _ in calls)
     assert sum(jobs for jobs, _, _ in calls) == 2 and sum(chunks for _, chunks, _ in calls) == 10
-    assert [j for j, in conn.execute("SELECT id FROM chunkq.crawl_jobs ORDER BY id")] == [recent, running]
+    assert [j for (j,) in conn.execute("SELECT id FROM chunkq.crawl_jobs ORDER BY id")] == [recent, running]
     assert conn.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
     assert_counters_consistent(conn)
 
@@ -121,10 +131,13 @@ def test_job_overview_rate_eta_and_images(conn):
         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     row = conn.execute(
         "SELECT completed_chunks, completed_images, chunks_per_second > 0, eta > interval '0', paused_at"
-        " FROM chunkq.job_overview WHERE id = %s", (job_id,)).fetchone()
+        " FROM chunkq.job_overview WHERE id = %s",
+        (job_id,),
+    ).fetchone()
     assert row == (4, 2000, True, True, None)
     assert conn.execute("SELECT eta FROM chunkq.job_overview WHERE id = %s", (new_job(conn, 500),)).fetchone() == (
-        None,)
+        None,
+    )
 
 
 def test_rate_counts_the_last_minute(conn):
@@ -132,20 +145,29 @@ def test_rate_counts_the_last_minute(conn):
     for chunk_id, attempt in claim(conn, limit=6, job_id=job_id):
         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     # Pretend those six completions happened one minute earlier: they still count.
-    conn.execute("UPDATE chunkq.job_chunk_counts SET rate_minute = date_trunc('minute', now()) - interval '1 minute'"
-                 " WHERE job_id = %s AND rate_minute IS NOT NULL", (job_id,))
+    conn.execute(
+        "UPDATE chunkq.job_chunk_counts SET rate_minute = date_trunc('minute', now()) - interval '1 minute'"
+        " WHERE job_id = %s AND rate_minute IS NOT NULL",
+        (job_id,),
+    )
     for chunk_id, attempt in claim(conn, limit=2, job_id=job_id):
         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     recent = conn.execute(
-        "SELECT sum(completed_this_minute + completed_last_minute) FILTER (WHERE rate_minute = date_trunc('minute', now()))"
+        "SELECT sum(completed_this_minute + completed_last_minute)"
+        " FILTER (WHERE rate_minute = date_trunc('minute', now()))"
         " + coalesce(sum(completed_this_minute) FILTER (WHERE rate_minute < date_trunc('minute', now())), 0)"
-        " FROM chunkq.job_chunk_counts WHERE job_id = %s", (job_id,)).fetchone()[0]
+        " FROM chunkq.job_chunk_counts WHERE job_id = %s",
+        (job_id,),
+    ).fetchone()[0]
     assert recent == 8
     # Two minutes old: no longer in the rate.
-    conn.execute("UPDATE chunkq.job_chunk_counts SET rate_minute = rate_minute - interval '2 minutes'"
-                 " WHERE job_id = %s", (job_id,))
+    conn.execute(
+        "UPDATE chunkq.job_chunk_counts SET rate_minute = rate_minute - interval '2 minutes' WHERE job_id = %s",
+        (job_id,),
+    )
     assert conn.execute("SELECT chunks_per_second FROM chunkq.job_overview WHERE id = %s", (job_id,)).fetchone() == (
-        0.0,)
+        0.0,
+    )
 
 
 def test_expired_leases_and_live_workers(conn, dsn):
@@ -157,7 +179,8 @@ def test_expired_leases_and_live_workers(conn, dsn):
         expired = conn.execute("SELECT worker_id, attempt FROM chunkq.expired_leases").fetchall()
         assert expired == [("gone:1", 1)]
         live = conn.execute(
-            "SELECT worker_id, backend_pid IS NOT NULL, chunks_held FROM chunkq.live_workers ORDER BY 1").fetchall()
+            "SELECT worker_id, backend_pid IS NOT NULL, chunks_held FROM chunkq.live_workers ORDER BY 1"
+        ).fetchall()
         assert live == [("gone:1", False, 1), ("host:42", True, 1)]
 
 
@@ -166,8 +189,10 @@ def test_failure_summary_groups_errors_by_kind(conn):
     for n, (chunk_id, attempt) in enumerate(claim(conn, limit=6)):
         message = f"timed out fetching image {n * 137}" if n < 4 else "HTTP 404 for /cats"
         conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, message))
-    rows = conn.execute("SELECT error_kind, occurrences, chunks, ended_failed, example_error"
-                        " FROM chunkq.failure_summary ORDER BY occurrences DESC").fetchall()
+    rows = conn.execute(
+        "SELECT error_kind, occurrences, chunks, ended_failed, example_error"
+        " FROM chunkq.failure_summary ORDER BY occurrences DESC"
+    ).fetchall()
     assert [r[:4] for r in rows] == [("timed out fetching image #", 4, 4, 4), ("HTTP # for /cats", 2, 2, 2)]
     assert rows[0][4] == "timed out fetching image 411"
 
@@ -176,8 +201,9 @@ def test_queue_stats_shows_the_oldest_transaction(conn, dsn):
     with psycopg.connect(dsn) as long_running:
         long_running.execute("SELECT txid_current()")  # a transaction that stays open
         time.sleep(0.2)
-        age, pid = conn.execute("SELECT oldest_transaction_age, oldest_transaction_pid FROM chunkq.queue_stats()"
-                                ).fetchone()
+        age, pid = conn.execute(
+            "SELECT oldest_transaction_age, oldest_transaction_pid FROM chunkq.queue_stats()"
+        ).fetchone()
         assert pid == long_running.info.backend_pid and age.total_seconds() >= 0.2
         long_running.rollback()
     assert conn.execute("SELECT oldest_transaction_pid FROM chunkq.queue_stats()").fetchone() == (None,)

@@ -49,15 +49,19 @@ def test_nothing_to_complete_is_a_plain_claim(conn):
 def test_claims_only_from_the_named_job(conn):
     new_job(conn, 500 * 2)
     wanted = new_job(conn, 500 * 2)
-    rows = conn.execute(
-        "SELECT job_id FROM chunkq.complete_and_claim('{}', '{}', 'w', 5, %s)", (wanted,)
-    ).fetchall()
+    rows = conn.execute("SELECT job_id FROM chunkq.complete_and_claim('{}', '{}', 'w', 5, %s)", (wanted,)).fetchall()
     assert rows == [(wanted,), (wanted,)]
 
 
-@pytest.mark.parametrize(("trouble", "sqlstate"), [
-    ("lease lost", "CQ006"), ("already completed", "CQ004"), ("cancelled", "CQ007"), ("unknown", "CQ003"),
-])
+@pytest.mark.parametrize(
+    ("trouble", "sqlstate"),
+    [
+        ("lease lost", "CQ006"),
+        ("already completed", "CQ004"),
+        ("cancelled", "CQ007"),
+        ("unknown", "CQ003"),
+    ],
+)
 def test_one_chunk_not_held_refuses_the_whole_call(conn, trouble, sqlstate):
     job_id = new_job(conn, 500 * 4)
     held = claim(conn, "w", limit=2)
@@ -78,15 +82,18 @@ def test_one_chunk_not_held_refuses_the_whole_call(conn, trouble, sqlstate):
     assert snapshot(conn) == before  # neither completed nor claimed anything
 
 
-@pytest.mark.parametrize(("ids", "attempts", "limit", "message"), [
-    ([1, 2], [1], 1, "same length"),
-    (None, [], 1, "same length"),
-    ([1], [None], 1, "attempt its claim returned"),
-    ([1, 1], [1, 1], 1, "listed twice"),
-    ([], [], -1, "between 0 and 1000"),
-    ([], [], 1001, "between 0 and 1000"),
-    ([], [], None, "between 0 and 1000"),
-])
+@pytest.mark.parametrize(
+    ("ids", "attempts", "limit", "message"),
+    [
+        ([1, 2], [1], 1, "same length"),
+        (None, [], 1, "same length"),
+        ([1], [None], 1, "attempt its claim returned"),
+        ([1, 1], [1, 1], 1, "listed twice"),
+        ([], [], -1, "between 0 and 1000"),
+        ([], [], 1001, "between 0 and 1000"),
+        ([], [], None, "between 0 and 1000"),
+    ],
+)
 def test_bad_input_is_refused_and_changes_nothing(conn, ids, attempts, limit, message):
     new_job(conn, 500 * 2)
     held = claim(conn, "w")
@@ -102,8 +109,9 @@ def test_bad_input_is_refused_and_changes_nothing(conn, ids, attempts, limit, me
 def test_four_processes_draining_with_the_fast_path_handle_every_chunk_once(dsn, conn):
     job_id = new_job(conn, 500 * 2000)
     results = spawn.Queue()
-    procs = [spawn.Process(target=drain_with_complete_and_claim, args=(dsn, f"w{n}", 1 + 4 * n, results))
-             for n in range(4)]
+    procs = [
+        spawn.Process(target=drain_with_complete_and_claim, args=(dsn, f"w{n}", 1 + 4 * n, results)) for n in range(4)
+    ]
     for proc in procs:
         proc.start()
     handed = [pair for _ in procs for pair in results.get(timeout=240)]

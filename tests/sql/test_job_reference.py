@@ -9,8 +9,9 @@ import pytest
 
 from tests.helpers.db import new_job, snapshot
 
-INSERT_CHUNK = ("INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)"
-                " VALUES (%s, %s, 0, 499, 5)")
+INSERT_CHUNK = (
+    "INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority) VALUES (%s, %s, 0, 499, 5)"
+)
 
 
 def chunks_of(conn: psycopg.Connection, job_id: int) -> int:
@@ -22,8 +23,11 @@ def test_a_chunk_of_a_job_that_does_not_exist_is_refused(conn):
     before = snapshot(conn)
     with pytest.raises(psycopg.errors.ForeignKeyViolation, match="crawl job 424242, which does not exist"):
         with conn.transaction():  # one statement, one good row and one bad: neither stays
-            conn.execute("INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)"
-                         " VALUES (%s, 7, 0, 499, 5), (424242, 0, 0, 499, 5)", (job_id,))
+            conn.execute(
+                "INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)"
+                " VALUES (%s, 7, 0, 499, 5), (424242, 0, 0, 499, 5)",
+                (job_id,),
+            )
     assert snapshot(conn) == before
 
 

@@ -168,7 +168,7 @@ def test_job_functions_reject_unknown_job(conn, function):
 
 def test_list_chunks_filters_by_status(conn):
     job_id = new_job(conn, 1500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     ids = conn.execute("SELECT id FROM chunkq.list_chunks(%s, 'pending')", (job_id,)).fetchall()
     assert len(ids) == 2 and (chunk_id,) not in ids
@@ -191,7 +191,7 @@ def test_progress_follows_the_chunks(conn):
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (b, att_b))
     assert progress() == ("running", 4, 1, 1, 1, 1, 0, 25.0, False)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (c, att_c))
-    (d, att_d), = claim(conn)
+    ((d, att_d),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (d, att_d))
     assert progress() == ("failed", 4, 0, 0, 3, 1, 0, 75.0, True)
     assert_counters_consistent(conn)
@@ -226,7 +226,7 @@ def test_cancel_is_idempotent_and_refused_for_finished_jobs(conn):
     assert snapshot(conn) == before
 
     done = new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
     with pytest.raises(psycopg.Error) as caught:
@@ -245,7 +245,7 @@ def test_cancel_an_unchunked_job(conn):
 
 def test_deleting_a_job_deletes_its_chunks_counters_and_errors(conn):
     job_id = new_job(conn, 1500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     conn.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (job_id,))
     for table in ("job_chunks", "job_chunk_counts", "chunk_errors"):

@@ -56,7 +56,7 @@ def test_stale_complete_after_reclaim_raises_lease_lost_and_keeps_the_newer_atte
     job_id = new_job(conn, 500)
     chunk_id, stale = claim_briefly(conn, "stalled")
     time.sleep(0.1)
-    (same_chunk, fresh), = claim(conn, "rescuer")
+    ((same_chunk, fresh),) = claim(conn, "rescuer")
     assert same_chunk == chunk_id and fresh == stale + 1
     newer = conn.execute("SELECT t::text FROM chunkq.job_chunks t WHERE id = %s", (chunk_id,)).fetchone()
     before = snapshot(conn)
@@ -103,6 +103,6 @@ def test_reclaim_fails_a_chunk_whose_retries_are_spent(conn):
 
 def test_operator_complete_without_token(conn):
     new_job(conn, 500)
-    (chunk_id, _), = claim(conn)
+    ((chunk_id, _),) = claim(conn)
     row = conn.execute("SELECT chunk_status::text, job_finished FROM chunkq.complete_chunk(%s)", (chunk_id,)).fetchone()
     assert row == ("completed", True)

@@ -29,7 +29,7 @@ def race(dsn: str, pairs: list[tuple[tuple[int, int, str], tuple[int, int, str]]
     for proc in procs:
         proc.join(30)
         assert proc.exitcode == 0
-    return list(zip(*flags))
+    return list(zip(*flags, strict=True))
 
 
 def last_two_chunks(conn: psycopg.Connection, chunks: int, last: tuple[int, int]) -> tuple[int, list[tuple[int, int]]]:
@@ -60,7 +60,7 @@ def test_last_two_chunks_finish_the_job_exactly_once(dsn, conn):
 
     flags = race(dsn, pairs)
 
-    for job_id, (first, second), status in zip(jobs, flags, expected):
+    for job_id, (first, second), status in zip(jobs, flags, expected, strict=True):
         assert first != second, f"job {job_id}: job_finished reported by {'both' if first else 'neither'} finisher"
         row = conn.execute(
             "SELECT status::text, finished_at IS NOT NULL, open_slots FROM chunkq.crawl_jobs WHERE id = %s", (job_id,)

@@ -10,7 +10,7 @@ from tests.helpers.db import assert_counters_consistent, claim, job_status, new_
 
 def test_heartbeat_extends_the_lease_and_records_task(conn):
     new_job(conn, 500)
-    (chunk_id, attempt), = conn.execute(
+    ((chunk_id, attempt),) = conn.execute(
         "SELECT id, attempt FROM chunkq.claim_chunks('w', 1, NULL, interval '10 s')"
     ).fetchall()
     row = conn.execute(
@@ -23,7 +23,7 @@ def test_heartbeat_extends_the_lease_and_records_task(conn):
 
 def test_complete_returns_outcome(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     outcome = conn.execute(
         "SELECT chunk_id, job_id, chunk_status::text, attempt, job_status::text, job_finished"
         " FROM chunkq.complete_chunk(%s, %s)",
@@ -52,7 +52,7 @@ def test_reports_on_unknown_chunk(conn, report):
 
 def test_completing_twice_is_refused_and_counts_once(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
     for token in (attempt, None):
@@ -65,7 +65,7 @@ def test_completing_twice_is_refused_and_counts_once(conn):
 
 def test_fail_without_retry_is_terminal_and_recorded(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn, "w1")
+    ((chunk_id, attempt),) = claim(conn, "w1")
     outcome = conn.execute(
         "SELECT chunk_status::text, retry_count FROM chunkq.fail_chunk(%s, %s, 'HTTP 500')", (chunk_id, attempt)
     ).fetchone()
@@ -87,9 +87,10 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
     new_job(conn, 500, max_retries=3)
     waits = []
     for expected_retry in (1, 2, 3):
-        (chunk_id, attempt), = claim(conn)
+        ((chunk_id, attempt),) = claim(conn)
         row = conn.execute(
-            "SELECT chunk_status::text, retry_count, available_at - now() FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
+            "SELECT chunk_status::text, retry_count, available_at - now()"
+            " FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
             (chunk_id, attempt),
         ).fetchone()
         assert row[:2] == ("pending", expected_retry)
@@ -97,7 +98,7 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
         conn.execute("UPDATE chunkq.job_chunks SET available_at = now()")
     # 10 s doubled per retry, capped at 25 s, plus up to 10 s of jitter.
     assert 10 <= waits[0] <= 20 and 20 <= waits[1] <= 30 and 25 <= waits[2] <= 35
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     row = conn.execute(
         "SELECT chunk_status::text, retry_count, attempt FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
         (chunk_id, attempt),
@@ -118,14 +119,14 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
 )
 def test_error_messages_of_any_characters(conn, error, stored):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, error))
     assert conn.execute("SELECT error_message FROM chunkq.job_chunks").fetchone()[0] == (stored or error)
 
 
 def test_huge_error_messages_are_cut_with_a_note(conn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, "x" * 5_000_000))
     stored = conn.execute("SELECT error FROM chunkq.chunk_errors").fetchone()[0]
     assert stored.startswith("x" * 10_000)
@@ -135,7 +136,7 @@ def test_huge_error_messages_are_cut_with_a_note(conn):
 
 def test_retry_puts_a_failed_chunk_back(conn):
     job_id = new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     assert job_status(conn, job_id) == "failed"
     row = conn.execute(
@@ -153,7 +154,7 @@ def test_retry_refuses_chunks_that_are_not_failed(conn, state):
     new_job(conn, 500)
     chunk_id = conn.execute("SELECT id FROM chunkq.job_chunks").fetchone()[0]
     if state != "pending":
-        (_, attempt), = claim(conn)
+        ((_, attempt),) = claim(conn)
         if state == "completed":
             conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
@@ -165,7 +166,7 @@ def test_retry_refuses_chunks_that_are_not_failed(conn, state):
 
 def test_retry_refused_in_a_cancelled_job(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
     before = snapshot(conn)
@@ -183,7 +184,7 @@ def test_retry_of_unknown_chunk(conn):
 
 def test_retry_notifies(conn, dsn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN chunkq_claimable")

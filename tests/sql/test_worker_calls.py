@@ -12,7 +12,7 @@ from tests.helpers.db import assert_counters_consistent, claim, new_job, snapsho
 
 def test_release_hands_a_chunk_back_without_spending_a_retry(conn, dsn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn, "leaving")
+    ((chunk_id, attempt),) = claim(conn, "leaving")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN chunkq_claimable")
         row = conn.execute(
@@ -58,8 +58,12 @@ def test_heartbeat_chunks_extends_held_leases_and_reports_lost_ones(conn):
         " FROM chunkq.heartbeat_chunks(%s, %s, interval '60 s')",
         ([a, b, c, 424242], [att_a, att_b, att_c + 1, 1]),
     ).fetchall()
-    assert rows == [(a, True, "processing", True), (b, False, "completed", None),
-                    (c, False, "processing", None), (424242, False, None, None)]
+    assert rows == [
+        (a, True, "processing", True),
+        (b, False, "completed", None),
+        (c, False, "processing", None),
+        (424242, False, None, None),
+    ]
     conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
     rows = conn.execute("SELECT held, status::text FROM chunkq.heartbeat_chunks(%s, %s)", ([a], [att_a])).fetchall()
     assert rows == [(False, "cancelled")]
@@ -73,7 +77,7 @@ def test_heartbeat_chunks_rejects_mismatched_arrays(conn):
 
 def test_fail_with_max_retries_override(conn):
     new_job(conn, 500, max_retries=5)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     row = conn.execute(
         "SELECT chunk_status::text, retry_count FROM chunkq.fail_chunk(%s, %s, 'x', true, 0)", (chunk_id, attempt)
     ).fetchone()
