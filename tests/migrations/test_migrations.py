@@ -91,7 +91,7 @@ def test_each_rollback_restores_the_schema_before_its_migration(empty_dsn):
             before.append(dump(conn) if chunkq_schema_exists(empty_dsn) else "no schema")
             applied = yoyo("apply", "--revision", migration, dsn=empty_dsn)
             assert applied.returncode == 0, applied.stderr
-        for migration, expected in zip(MIGRATIONS[::-1], before[::-1]):
+        for migration, expected in zip(MIGRATIONS[::-1], before[::-1], strict=True):
             assert chunkq.rollback(empty_dsn, steps=1) == [migration]
             after = dump(conn) if chunkq_schema_exists(empty_dsn) else "no schema"
             diff = "".join(difflib.unified_diff(expected.splitlines(True), after.splitlines(True), "before", "after"))
