@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     ]
     if "--check" in argv:
         for name in stale:
-            print(f"chunkq/_sync/{name} is out of date: run python tools/gen_sync.py", file=sys.stderr)
+            print(f"chunkq/_sync/{name} is out of date: run ./dev gen", file=sys.stderr)
         return 1 if stale else 0
     for name in stale:
         (SYNC_DIR / name).write_text(expected[name])
