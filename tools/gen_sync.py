@@ -51,7 +51,11 @@ def formatted(name: str, source: str) -> str:
     for command in (["check", "--fix", "--quiet", "--exit-zero"], ["format", "--quiet"]):
         source = subprocess.run(
             [sys.executable, "-m", "ruff", *command, "--stdin-filename", path, "-"],
-            input=source, capture_output=True, text=True, check=True, cwd=ROOT,
+            input=source,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         ).stdout
     return source
 
