@@ -31,7 +31,8 @@ CHUNK = columns(JobChunk)
 
 CREATE_JOB = (
     f"SELECT {JOB} FROM chunkq.create_job(%(project_id)s::bigint, %(name)s::text, %(keywords)s::jsonb,"
-    " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer)"
+    " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer,"
+    " %(id)s::bigint, %(retry_base_delay)s::interval)"
 )
 GET_JOB = f"SELECT {JOB} FROM chunkq.get_job(%(job_id)s::bigint)"
 CANCEL_JOB = f"SELECT {JOB} FROM chunkq.cancel_job(%(job_id)s::bigint)"

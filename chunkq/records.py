@@ -61,6 +61,7 @@ class CrawlJob:
     started_at: datetime | None
     finished_at: datetime | None
     paused_at: datetime | None
+    retry_base_delay: timedelta | None  # the job's own retry back-off; None: settings.retry_base_delay
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)
@@ -176,6 +177,8 @@ class JobProgress:
     is_complete: bool  # has chunks, none pending or processing
     max_images: int
     completed_images: int
+    retrying_chunks: int  # pending chunks waiting out a retry back-off
+    next_retry_at: datetime | None  # when the first of them may be claimed again
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)

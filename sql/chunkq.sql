@@ -100,11 +100,14 @@ CREATE TYPE chunkq.job_progress AS (
     completion_percentage double precision,
     is_complete boolean,
     max_images bigint,
-    completed_images bigint
+    completed_images bigint,
+    retrying_chunks integer,
+    next_retry_at timestamp with time zone
 );
 COMMENT ON TYPE chunkq.job_progress IS
     'Progress of one job. completion_percentage = completed / total * 100; is_complete = the job has chunks and '
-    'none is pending or processing; completed_images counts the images of completed chunks.';
+    'none is pending or processing; completed_images counts the images of completed chunks; retrying_chunks are '
+    'pending chunks waiting out a retry back-off, the next of them due at next_retry_at.';
 GRANT USAGE ON TYPE chunkq.job_progress TO PUBLIC;
 
 CREATE TYPE chunkq.lease_state AS (
@@ -207,6 +210,7 @@ CREATE TABLE chunkq.crawl_jobs (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     paused_at timestamp with time zone,
+    retry_base_delay interval,
     CONSTRAINT crawl_jobs_chunk_count_matches CHECK (chunked_at IS NULL AND total_chunks = 0 OR chunked_at IS NOT NULL AND total_chunks = ((max_images + chunk_size - 1) / chunk_size)),
     CONSTRAINT crawl_jobs_chunk_size_positive CHECK (chunk_size > 0),
     CONSTRAINT crawl_jobs_finished_iff_final CHECK ((status = ANY (ARRAY['completed'::chunkq.job_status, 'failed'::chunkq.job_status, 'cancelled'::chunkq.job_status])) = (finished_at IS NOT NULL)),
@@ -217,6 +221,7 @@ CREATE TABLE chunkq.crawl_jobs (
     CONSTRAINT crawl_jobs_paused_only_while_open CHECK (paused_at IS NULL OR finished_at IS NULL),
     CONSTRAINT crawl_jobs_pkey PRIMARY KEY (id),
     CONSTRAINT crawl_jobs_priority_not_negative CHECK (priority >= 0),
+    CONSTRAINT crawl_jobs_retry_base_delay_not_negative CHECK (retry_base_delay >= '00:00:00'::interval),
     CONSTRAINT crawl_jobs_running_has_started CHECK (status <> 'running'::chunkq.job_status OR started_at IS NOT NULL)
 );
 COMMENT ON TABLE chunkq.crawl_jobs IS
@@ -246,6 +251,9 @@ COMMENT ON COLUMN chunkq.crawl_jobs.finished_at IS
     'When the job completed, failed or was cancelled; NULL while it can still run.';
 COMMENT ON COLUMN chunkq.crawl_jobs.paused_at IS
     'When pause_job paused the job; NULL when it runs. Its pending chunks are not claimed while it is set.';
+COMMENT ON COLUMN chunkq.crawl_jobs.retry_base_delay IS
+    'Wait before the first automatic retry of a failed chunk of this job, doubled per retry up to '
+    'settings.retry_max_delay; NULL takes settings.retry_base_delay.';
 
 CREATE INDEX crawl_jobs_by_project ON chunkq.crawl_jobs USING btree (project_id);
 COMMENT ON INDEX chunkq.crawl_jobs_by_project IS 'The application''s lookups of a project''s jobs.';
@@ -391,6 +399,10 @@ COMMENT ON INDEX chunkq.job_chunks_failed_by_job IS 'Lists a job''s failed chunk
 
 CREATE INDEX job_chunks_lease_expiry ON chunkq.job_chunks USING btree (lease_expires_at) WHERE (lease_expires_at IS NOT NULL);
 COMMENT ON INDEX chunkq.job_chunks_lease_expiry IS 'Finds processing chunks whose lease has expired.';
+
+CREATE INDEX job_chunks_retry_wait ON chunkq.job_chunks USING btree (job_id, available_at) WHERE ((status = 'pending'::chunkq.chunk_status) AND (retry_count > 0));
+COMMENT ON INDEX chunkq.job_chunks_retry_wait IS
+    'Pending chunks of a job that were retried, by when they may be claimed: which wait out a back-off.';
 
 CREATE TRIGGER job_chunks_job_exists AFTER INSERT ON chunkq.job_chunks REFERENCING NEW TABLE AS new_chunks FOR EACH STATEMENT EXECUTE FUNCTION chunkq._check_chunk_jobs();
 COMMENT ON TRIGGER job_chunks_job_exists ON chunkq.job_chunks IS
@@ -1106,17 +1118,17 @@ COMMENT ON FUNCTION chunkq._refuse_report(bigint, integer, text, uuid) IS
     'unknown chunk, CQ007 cancelled, CQ006 lease lost (stale attempt, or not the claim''s lease token), CQ004 not '
     'processing.';
 
-CREATE OR REPLACE FUNCTION chunkq._retry_delay(p_retry_count integer)
+CREATE OR REPLACE FUNCTION chunkq._retry_delay(p_retry_count integer, p_base_delay interval)
  RETURNS interval
  LANGUAGE sql
 AS $function$
-    SELECT LEAST(s.retry_max_delay, s.retry_base_delay * power(2, LEAST(p_retry_count, 30)))
-           + s.retry_base_delay * random()
-      FROM chunkq.settings s;
+    SELECT LEAST(s.retry_max_delay, b.base * power(2, LEAST(p_retry_count, 30))) + b.base * random()
+      FROM chunkq.settings s, LATERAL (SELECT coalesce(p_base_delay, s.retry_base_delay) AS base) b;
 $function$;
-COMMENT ON FUNCTION chunkq._retry_delay(integer) IS
-    'Internal: wait before automatic retry number p_retry_count + 1: retry_base_delay doubled per earlier retry, '
-    'capped at retry_max_delay, plus up to one retry_base_delay of random jitter.';
+COMMENT ON FUNCTION chunkq._retry_delay(integer, interval) IS
+    'Internal: wait before automatic retry number p_retry_count + 1: the job''s base delay (NULL: '
+    'settings.retry_base_delay) doubled per earlier retry, capped at settings.retry_max_delay, plus up to one base '
+    'delay of random jitter.';
 
 CREATE OR REPLACE FUNCTION chunkq._settle_job(p_job_id bigint, p_open_slots_delta integer, p_claimed boolean)
  RETURNS TABLE(job bigint, job_status chunkq.job_status, finished boolean)
@@ -1494,7 +1506,7 @@ COMMENT ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) IS
     'CQ005 if the job already has chunks (it never duplicates them).';
 GRANT EXECUTE ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) TO chunkq_app;
 
-CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer)
+CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer, p_id bigint DEFAULT NULL::bigint, p_retry_base_delay interval DEFAULT NULL::interval)
  RETURNS chunkq.crawl_jobs
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -1516,20 +1528,42 @@ BEGIN
     IF coalesce(p_max_retries, 0) NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'max_retries must be between 0 and 1000, got %', p_max_retries USING ERRCODE = 'CQ001';
     END IF;
+    IF p_retry_base_delay < interval '0' THEN
+        RAISE EXCEPTION 'retry_base_delay must not be negative, got %', p_retry_base_delay USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_id IS NOT NULL THEN
+        IF p_id < 1 THEN
+            RAISE EXCEPTION 'a job id must be positive, got %', p_id USING ERRCODE = 'CQ001';
+        END IF;
+        IF EXISTS (SELECT 1 FROM chunkq.crawl_jobs WHERE id = p_id) THEN
+            RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+        END IF;
+    END IF;
 
-    INSERT INTO chunkq.crawl_jobs (project_id, name, keywords, max_images, chunk_size, priority, max_retries)
-    VALUES (p_project_id, p_name, coalesce(p_keywords, '[]'::jsonb), p_max_images,
+    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                   retry_base_delay)
+    OVERRIDING SYSTEM VALUE
+    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+            coalesce(p_keywords, '[]'::jsonb), p_max_images,
             coalesce(p_chunk_size, v_settings.chunk_size),
             coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries))
+            coalesce(p_max_retries, v_settings.default_max_retries),
+            p_retry_base_delay)
     RETURNING * INTO v_job;
+    -- A given id is taken from the ids the table would hand out, so that a job created
+    -- later without one can never collide with it.
+    IF p_id IS NOT NULL THEN
+        PERFORM setval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'), greatest(p_id, s.last_value))
+           FROM chunkq.crawl_jobs_id_seq s;
+    END IF;
     RETURN v_job;
 END $function$;
-COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer) IS
-    'Creates a crawl job (no chunks yet; see create_chunks). NULL priority, max_retries and chunk_size take the '
-    'defaults in chunkq.settings. Raises CQ001 for a blank name, max_images <= 0, or more chunks than '
-    'settings.max_chunks_per_job.';
-GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer) TO chunkq_app;
+COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval) IS
+    'Creates a crawl job (no chunks yet; see create_chunks). NULL priority, max_retries, chunk_size and '
+    'retry_base_delay take the defaults in chunkq.settings. p_id gives the job an id of your own (e.g. your '
+    'application''s job id); ids chunkq hands out afterwards skip past it. Raises CQ001 for a blank name, '
+    'max_images <= 0, more chunks than settings.max_chunks_per_job, or an id in use.';
+GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval) TO chunkq_app;
 
 CREATE OR REPLACE FUNCTION chunkq.delete_job(p_job_id bigint)
  RETURNS chunkq.crawl_jobs
@@ -1569,6 +1603,7 @@ DECLARE
     v_waived constant boolean := CASE WHEN p_lease_token IS NULL THEN chunkq._may_override() ELSE false END;
     v_retries_done integer;
     v_max_retries integer;
+    v_base_delay interval;
     v_retry boolean;
     v_chunk chunkq.job_chunks;
 BEGIN
@@ -1576,7 +1611,7 @@ BEGIN
     IF p_max_retries < 0 THEN
         RAISE EXCEPTION 'max_retries must not be negative, got %', p_max_retries USING ERRCODE = 'CQ001';
     END IF;
-    SELECT c.retry_count, j.max_retries INTO v_retries_done, v_max_retries
+    SELECT c.retry_count, j.max_retries, j.retry_base_delay INTO v_retries_done, v_max_retries, v_base_delay
       FROM chunkq.job_chunks c JOIN chunkq.crawl_jobs j ON j.id = c.job_id
      WHERE c.id = p_chunk_id AND c.status = 'processing' AND (p_attempt IS NULL OR c.attempt = p_attempt)
        AND (c.lease_token = p_lease_token OR v_waived)
@@ -1588,7 +1623,8 @@ BEGIN
     UPDATE chunkq.job_chunks c
        SET status = CASE WHEN v_retry THEN 'pending' ELSE 'failed' END::chunkq.chunk_status,
            retry_count = c.retry_count + v_retry::integer,
-           available_at = CASE WHEN v_retry THEN now() + chunkq._retry_delay(c.retry_count) ELSE c.available_at END,
+           available_at = CASE WHEN v_retry THEN now() + chunkq._retry_delay(c.retry_count, v_base_delay)
+                               ELSE c.available_at END,
            finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
            error_message = v_error,
            lease_expires_at = NULL
@@ -1768,10 +1804,16 @@ BEGIN
       INTO v_progress
       FROM chunkq.job_chunk_counts k
      WHERE k.job_id = p_job_id;
+    -- From job_chunks_retry_wait: only chunks that were retried, never the job's whole backlog.
+    SELECT count(*), min(c.available_at) INTO v_progress.retrying_chunks, v_progress.next_retry_at
+      FROM chunkq.job_chunks c
+     WHERE c.job_id = p_job_id AND c.status = 'pending' AND c.retry_count > 0
+       AND c.available_at > now() AND c.available_at < 'infinity';
     RETURN v_progress;
 END $function$;
 COMMENT ON FUNCTION chunkq.job_progress(bigint) IS
-    'Chunk counts by status for one job, from job_chunk_counts: at most 16 rows read, however large the job.';
+    'Chunk counts by status for one job, from job_chunk_counts (at most 16 rows read, however large the job), and '
+    'how many pending chunks wait out a retry back-off (retrying_chunks) with the moment the next one is due.';
 GRANT EXECUTE ON FUNCTION chunkq.job_progress(bigint) TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq.list_chunks(p_job_id bigint, p_status chunkq.chunk_status DEFAULT NULL::chunkq.chunk_status, p_limit integer DEFAULT NULL::integer)
@@ -2097,7 +2139,7 @@ CREATE OR REPLACE FUNCTION chunkq.schema_version()
  LANGUAGE sql
  IMMUTABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$SELECT 8$function$;
+AS $function$SELECT 9$function$;
 COMMENT ON FUNCTION chunkq.schema_version() IS
     'Version of the chunkq schema: the number of the last migration applied. Clients refuse to run against an '
     'older one.';

@@ -59,8 +59,14 @@ class CrawlJobRepository:
         priority: int | None = None,
         max_retries: int | None = None,
         chunk_size: int | None = None,
+        id: int | None = None,
+        retry_base_delay: timedelta | float | None = None,
     ) -> CrawlJob:
-        """Creates a job without chunks. None takes the deployment default (chunkq.settings)."""
+        """Creates a job without chunks. None takes the deployment default (chunkq.settings).
+
+        ``id`` gives the job an id of your own, e.g. your application's job id, so that the seed's
+        ``create_chunks_for_job(job_id=your_job.id, ...)`` finds it; ``retry_base_delay`` (a timedelta or
+        seconds) is the job's own back-off before the first automatic retry."""
         params = {
             "project_id": project_id,
             "name": name,
@@ -69,6 +75,8 @@ class CrawlJobRepository:
             "priority": priority,
             "max_retries": max_retries,
             "chunk_size": chunk_size,
+            "id": id,
+            "retry_base_delay": interval(retry_base_delay),
         }
         rows = await fetch(self.conn, q.CREATE_JOB, params, record_row(CrawlJob))
         return rows[0]
