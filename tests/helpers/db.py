@@ -13,6 +13,9 @@ TABLES = ("crawl_jobs", "job_chunks", "job_chunk_counts", "chunk_errors", "setti
 #: Every migration id, oldest first, as yoyo names them.
 MIGRATIONS = sorted(p.stem for p in migrations_path().glob("*.sql") if not p.name.endswith(".rollback.sql"))
 
+#: The worker's fast path as the SQL tests call it: complete_and_claim(chunk ids, attempts, worker id, limit).
+FAST = "SELECT id, attempt, status::text, worker_id FROM chunkq.complete_and_claim(%s, %s, %s, %s)"
+
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every chunkq table, sorted: equal snapshots mean nothing changed."""

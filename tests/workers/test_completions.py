@@ -1,4 +1,4 @@
-"""The pool's fast path: completions go with the next claim (complete_and_claim), never held back long."""
+"""How the pool reports completions: together with its next claim (complete_and_claim), never held back long."""
 
 from __future__ import annotations
 

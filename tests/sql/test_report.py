@@ -1,11 +1,13 @@
-"""SQL API: what a worker reports about a chunk it holds — heartbeat, complete, fail — and retry."""
+"""SQL API: reports on a held chunk — heartbeat, complete, fail, release, complete_and_claim's completions; retry."""
 
 from __future__ import annotations
+
+import json
 
 import psycopg
 import pytest
 
-from tests.helpers.db import assert_counters_consistent, claim, job_status, new_job, snapshot, statuses
+from tests.helpers.db import FAST, assert_counters_consistent, claim, job_status, new_job, snapshot, statuses
 
 
 def test_heartbeat_extends_the_lease_and_records_task(conn):
@@ -30,6 +32,21 @@ def test_complete_returns_outcome(conn):
         (chunk_id, attempt),
     ).fetchone()
     assert outcome == (chunk_id, job_id, "completed", 1, "running", False)
+
+
+def test_claim_and_complete_a_job(conn):
+    job_id = new_job(conn, 1500)
+    for chunk_id, attempt in claim(conn, limit=3):
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    assert statuses(conn, job_id) == {"completed": 3}
+    assert_counters_consistent(conn)
+
+
+def test_operator_complete_without_token(conn):
+    new_job(conn, 500)
+    ((chunk_id, _),) = claim(conn)
+    row = conn.execute("SELECT chunk_status::text, job_finished FROM chunkq.complete_chunk(%s)", (chunk_id,)).fetchone()
+    assert row == ("completed", True)
 
 
 @pytest.mark.parametrize("report", ["heartbeat_chunk(%s, NULL)", "complete_chunk(%s)", "fail_chunk(%s, NULL, 'x')"])
@@ -109,6 +126,18 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
     assert_counters_consistent(conn)
 
 
+def test_fail_with_max_retries_override(conn):
+    new_job(conn, 500, max_retries=5)
+    ((chunk_id, attempt),) = claim(conn)
+    row = conn.execute(
+        "SELECT chunk_status::text, retry_count FROM chunkq.fail_chunk(%s, %s, 'x', true, 0)", (chunk_id, attempt)
+    ).fetchone()
+    assert row == ("failed", 0)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'x', true, -1)", (chunk_id, attempt))
+    assert caught.value.sqlstate == "CQ001"
+
+
 @pytest.mark.parametrize(
     ("error", "stored"),
     [
@@ -132,6 +161,43 @@ def test_huge_error_messages_are_cut_with_a_note(conn):
     assert stored.startswith("x" * 10_000)
     assert stored.endswith("[... 4990000 more characters cut]")
     assert len(stored) < 10_100
+
+
+def test_release_hands_a_chunk_back_without_spending_a_retry(conn, dsn):
+    new_job(conn, 500)
+    ((chunk_id, attempt),) = claim(conn, "leaving")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN chunkq_claimable")
+        row = conn.execute(
+            "SELECT status::text, retry_count, lease_expires_at, available_at <= now(), worker_id"
+            " FROM chunkq.release_chunk(%s, %s)",
+            (chunk_id, attempt),
+        ).fetchone()
+        assert json.loads(next(listener.notifies(timeout=5)).payload)["chunks"] == 1
+    assert row == ("pending", 0, None, True, "leaving")
+    assert conn.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
+    assert claim(conn, "next") == [(chunk_id, attempt + 1)]
+    with pytest.raises(psycopg.Error) as caught:  # the releasing worker can never report again
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    assert caught.value.sqlstate == "CQ006"
+    assert_counters_consistent(conn)
+
+
+@pytest.mark.parametrize(("state", "sqlstate"), [("pending", "CQ004"), ("stale", "CQ006"), ("unknown", "CQ003")])
+def test_release_refusals(conn, state, sqlstate):
+    new_job(conn, 500)
+    chunk_id = conn.execute("SELECT id FROM chunkq.job_chunks").fetchone()[0]
+    attempt = 0  # never claimed
+    if state == "stale":
+        claim(conn)
+        attempt = 7
+    elif state == "unknown":
+        chunk_id = 99999
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.release_chunk(%s, %s)", (chunk_id, attempt))
+    assert caught.value.sqlstate == sqlstate
+    assert snapshot(conn) == before
 
 
 def test_retry_puts_a_failed_chunk_back(conn):
@@ -190,3 +256,81 @@ def test_retry_notifies(conn, dsn):
         listener.execute("LISTEN chunkq_claimable")
         conn.execute("SELECT chunkq.retry_chunk(%s)", (chunk_id,))
         assert next(listener.notifies(timeout=5)).channel == "chunkq_claimable"
+
+
+def test_completes_held_chunks_and_claims_the_next_in_one_call(conn):
+    job_id = new_job(conn, 500 * 5)
+    held = claim(conn, "w", limit=2)
+    rows = conn.execute(FAST, ([i for i, _ in held], [a for _, a in held], "w", 2)).fetchall()
+    assert [(status, worker) for _, _, status, worker in rows] == [("processing", "w")] * 2
+    assert {i for i, *_ in rows}.isdisjoint({i for i, _ in held})
+    done = conn.execute("SELECT id FROM chunkq.job_chunks WHERE status = 'completed' ORDER BY id").fetchall()
+    assert done == sorted((i,) for i, _ in held)
+    assert statuses(conn, job_id) == {"completed": 2, "processing": 2, "pending": 1}
+    assert_counters_consistent(conn)
+
+
+def test_complete_and_claim_with_limit_zero_only_completes_and_the_last_completion_finishes_the_job(conn, dsn):
+    job_id = new_job(conn, 500 * 3)
+    held = claim(conn, "w", limit=3)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN chunkq_job_finished")
+        rows = conn.execute(FAST, ([i for i, _ in held], [a for _, a in held], "w", 0)).fetchall()
+        finished = json.loads(next(listener.notifies(timeout=5)).payload)
+    assert rows == []
+    assert finished == {"job_id": job_id, "status": "completed"}
+    assert job_status(conn, job_id) == "completed"
+    assert_counters_consistent(conn)
+
+
+@pytest.mark.parametrize(
+    ("trouble", "sqlstate"),
+    [
+        ("lease lost", "CQ006"),
+        ("already completed", "CQ004"),
+        ("cancelled", "CQ007"),
+        ("unknown", "CQ003"),
+    ],
+)
+def test_one_chunk_not_held_refuses_the_whole_complete_and_claim(conn, trouble, sqlstate):
+    job_id = new_job(conn, 500 * 4)
+    held = claim(conn, "w", limit=2)
+    (good, good_attempt), (bad, bad_attempt) = held
+    if trouble == "lease lost":
+        conn.execute("UPDATE chunkq.job_chunks SET lease_expires_at = now() - interval '1 s' WHERE id = %s", (bad,))
+        conn.execute("SELECT chunkq.reclaim_expired_chunks()")
+    elif trouble == "already completed":
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (bad, bad_attempt))
+    elif trouble == "cancelled":
+        conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    else:
+        bad = 424242
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(FAST, ([good, bad], [good_attempt, bad_attempt], "w", 2))
+    assert caught.value.sqlstate == sqlstate
+    assert snapshot(conn) == before  # neither completed nor claimed anything
+
+
+@pytest.mark.parametrize(
+    ("ids", "attempts", "limit", "message"),
+    [
+        ([1, 2], [1], 1, "same length"),
+        (None, [], 1, "same length"),
+        ([1], [None], 1, "attempt its claim returned"),
+        ([1, 1], [1, 1], 1, "listed twice"),
+        ([], [], -1, "between 0 and 1000"),
+        ([], [], 1001, "between 0 and 1000"),
+        ([], [], None, "between 0 and 1000"),
+    ],
+)
+def test_bad_input_to_complete_and_claim_is_refused_and_changes_nothing(conn, ids, attempts, limit, message):
+    new_job(conn, 500 * 2)
+    held = claim(conn, "w")
+    if ids == [1, 1]:
+        ids, attempts = [held[0][0]] * 2, [held[0][1]] * 2
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error, match=message) as caught:
+        conn.execute(FAST, (ids, attempts, "w", limit))
+    assert caught.value.sqlstate == "CQ001"
+    assert snapshot(conn) == before
