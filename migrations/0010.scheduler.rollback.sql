@@ -432,16 +432,20 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
-                                   retry_base_delay)
-    OVERRIDING SYSTEM VALUE
-    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
-            coalesce(p_keywords, '[]'::jsonb), p_max_images,
-            coalesce(p_chunk_size, v_settings.chunk_size),
-            coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries),
-            p_retry_base_delay)
-    RETURNING * INTO v_job;
+    BEGIN
+        INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                       retry_base_delay)
+        OVERRIDING SYSTEM VALUE
+        VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+                coalesce(p_keywords, '[]'::jsonb), p_max_images,
+                coalesce(p_chunk_size, v_settings.chunk_size),
+                coalesce(p_priority, v_settings.default_priority),
+                coalesce(p_max_retries, v_settings.default_max_retries),
+                p_retry_base_delay)
+        RETURNING * INTO v_job;
+    EXCEPTION WHEN unique_violation THEN  -- the same id, created by a concurrent call since the check above
+        RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+    END;
     -- A given id is taken from the ids the table would hand out, so that a job created
     -- later without one can never collide with it.
     IF p_id IS NOT NULL THEN
@@ -553,7 +557,6 @@ CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks USING btree (priority D
 COMMENT ON INDEX chunkq.job_chunks_claim_order IS
     'Claim order over claimable chunks: priority, then age. Chunks of paused jobs (available_at = infinity) are '
     'left out.';
-
 
 DROP INDEX chunkq.job_chunks_claim_order_limited;
 DROP INDEX chunkq.crawl_jobs_limited;

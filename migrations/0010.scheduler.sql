@@ -968,19 +968,23 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
-                                   retry_base_delay, max_running, rate_key, weight, max_failed_ratio,
-                                   max_failed_chunks, max_consecutive_failures, limited)
-    OVERRIDING SYSTEM VALUE
-    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
-            coalesce(p_keywords, '[]'::jsonb), p_max_images,
-            coalesce(p_chunk_size, v_settings.chunk_size),
-            coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries),
-            p_retry_base_delay, p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
-            p_max_failed_chunks, p_max_consecutive_failures,
-            p_max_running IS NOT NULL OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = p_rate_key))
-    RETURNING * INTO v_job;
+    BEGIN
+        INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                       retry_base_delay, max_running, rate_key, weight, max_failed_ratio,
+                                       max_failed_chunks, max_consecutive_failures, limited)
+        OVERRIDING SYSTEM VALUE
+        VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+                coalesce(p_keywords, '[]'::jsonb), p_max_images,
+                coalesce(p_chunk_size, v_settings.chunk_size),
+                coalesce(p_priority, v_settings.default_priority),
+                coalesce(p_max_retries, v_settings.default_max_retries),
+                p_retry_base_delay, p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
+                p_max_failed_chunks, p_max_consecutive_failures,
+                p_max_running IS NOT NULL OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = p_rate_key))
+        RETURNING * INTO v_job;
+    EXCEPTION WHEN unique_violation THEN  -- the same id, created by a concurrent call since the check above
+        RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+    END;
     -- A given id is taken from the ids the table would hand out, so that a job created
     -- later without one can never collide with it.
     IF p_id IS NOT NULL THEN

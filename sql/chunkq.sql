@@ -2010,19 +2010,23 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
-                                   retry_base_delay, max_running, rate_key, weight, max_failed_ratio,
-                                   max_failed_chunks, max_consecutive_failures, limited)
-    OVERRIDING SYSTEM VALUE
-    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
-            coalesce(p_keywords, '[]'::jsonb), p_max_images,
-            coalesce(p_chunk_size, v_settings.chunk_size),
-            coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries),
-            p_retry_base_delay, p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
-            p_max_failed_chunks, p_max_consecutive_failures,
-            p_max_running IS NOT NULL OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = p_rate_key))
-    RETURNING * INTO v_job;
+    BEGIN
+        INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                       retry_base_delay, max_running, rate_key, weight, max_failed_ratio,
+                                       max_failed_chunks, max_consecutive_failures, limited)
+        OVERRIDING SYSTEM VALUE
+        VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+                coalesce(p_keywords, '[]'::jsonb), p_max_images,
+                coalesce(p_chunk_size, v_settings.chunk_size),
+                coalesce(p_priority, v_settings.default_priority),
+                coalesce(p_max_retries, v_settings.default_max_retries),
+                p_retry_base_delay, p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
+                p_max_failed_chunks, p_max_consecutive_failures,
+                p_max_running IS NOT NULL OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = p_rate_key))
+        RETURNING * INTO v_job;
+    EXCEPTION WHEN unique_violation THEN  -- the same id, created by a concurrent call since the check above
+        RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+    END;
     -- A given id is taken from the ids the table would hand out, so that a job created
     -- later without one can never collide with it.
     IF p_id IS NOT NULL THEN
@@ -2099,7 +2103,8 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
     END IF;
-    IF v_job.status = 'running' THEN
+    IF v_job.status = 'running'
+       OR EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = p_job_id AND k.processing > 0) THEN
         RAISE EXCEPTION 'crawl job % is running: cancel it first (chunkq.cancel_job)', p_job_id
             USING ERRCODE = 'CQ004';
     END IF;
@@ -2108,7 +2113,8 @@ BEGIN
 END $function$;
 COMMENT ON FUNCTION chunkq.delete_job(bigint) IS
     'Deletes a job that is not running, with its chunks, counters and error history; returns the deleted row. A '
-    'running job must be cancelled first (CQ004), so no worker is left holding a chunk that vanished.';
+    'job with a chunk being processed must be cancelled first (CQ004), so no worker is left holding a chunk that '
+    'vanished.';
 GRANT EXECUTE ON FUNCTION chunkq.delete_job(bigint) TO chunkq_app;
 
 CREATE OR REPLACE FUNCTION chunkq.delete_rate_limit(p_key text)
