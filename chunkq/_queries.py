@@ -34,7 +34,7 @@ CREATE_JOB = (
     f"SELECT {JOB} FROM chunkq.create_job(%(project_id)s::bigint, %(name)s::text, %(keywords)s::jsonb,"
     " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer,"
     " %(id)s::bigint, %(retry_base_delay)s::interval, %(max_running)s::integer, %(rate_key)s::text,"
-    " %(weight)s::real, %(max_failed_ratio)s::real, %(max_failed_chunks)s::integer,"
+    " %(weight)s::double precision, %(max_failed_ratio)s::double precision, %(max_failed_chunks)s::integer,"
     " %(max_consecutive_failures)s::integer)"
 )
 SET_JOB_LIMITS = f"SELECT {JOB} FROM chunkq.set_job_limits(%(job_id)s::bigint, %(limits)s::jsonb)"

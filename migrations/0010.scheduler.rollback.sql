@@ -5,7 +5,7 @@ DROP VIEW chunkq.rate_limit_state;
 DROP FUNCTION chunkq.claimable_in(bigint);
 DROP FUNCTION chunkq.defer_chunk(bigint, integer, interval, text, boolean, uuid);
 DROP FUNCTION chunkq.set_job_limits(bigint, jsonb);
-DROP FUNCTION chunkq._validate_limits(integer, text, real, real, integer, integer);
+DROP FUNCTION chunkq._validate_limits(integer, text, double precision, double precision, integer, integer);
 DROP FUNCTION chunkq.set_rate_limit(text, double precision, integer, integer);
 DROP FUNCTION chunkq.delete_rate_limit(text);
 DROP FUNCTION chunkq._check_failure_budget(bigint);
@@ -15,7 +15,7 @@ DROP FUNCTION chunkq._set_limited(bigint, boolean);
 DROP FUNCTION chunkq._requeue_job(bigint, real);
 DROP FUNCTION chunkq._queue_front(integer);
 DROP FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval,
-                                integer, text, real, real, integer, integer);
+                                integer, text, double precision, double precision, integer, integer);
 DELETE FROM chunkq.error_codes WHERE sqlstate IN ('CQ008', 'CQ009');
 DROP TABLE chunkq.rate_limits;
 

@@ -883,8 +883,8 @@ GRANT EXECUTE ON FUNCTION chunkq.set_job_limits(bigint, jsonb) TO chunkq_app;
 CREATE FUNCTION chunkq._validate_limits(
     p_max_running integer,
     p_rate_key text,
-    p_weight real,
-    p_max_failed_ratio real,
+    p_weight double precision,
+    p_max_failed_ratio double precision,
     p_max_failed_chunks integer,
     p_max_consecutive_failures integer
 ) RETURNS void
@@ -911,9 +911,9 @@ BEGIN
             USING ERRCODE = 'CQ001';
     END IF;
 END $$;
-COMMENT ON FUNCTION chunkq._validate_limits(integer, text, real, real, integer, integer) IS
+COMMENT ON FUNCTION chunkq._validate_limits(integer, text, double precision, double precision, integer, integer) IS
     'Internal: raises CQ001 for a job limit out of range (NULL is no limit, except for weight).';
-REVOKE ALL ON FUNCTION chunkq._validate_limits(integer, text, real, real, integer, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION chunkq._validate_limits(integer, text, double precision, double precision, integer, integer) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Jobs: create, chunk, pause, resume, priority
@@ -932,8 +932,8 @@ CREATE FUNCTION chunkq.create_job(
     p_retry_base_delay interval DEFAULT NULL,
     p_max_running integer DEFAULT NULL,
     p_rate_key text DEFAULT NULL,
-    p_weight real DEFAULT 1,
-    p_max_failed_ratio real DEFAULT NULL,
+    p_weight double precision DEFAULT 1,
+    p_max_failed_ratio double precision DEFAULT NULL,
     p_max_failed_chunks integer DEFAULT NULL,
     p_max_consecutive_failures integer DEFAULT NULL
 ) RETURNS chunkq.crawl_jobs
@@ -994,7 +994,7 @@ BEGIN
     RETURN v_job;
 END $$;
 COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval,
-                                      integer, text, real, real, integer, integer) IS
+                                      integer, text, double precision, double precision, integer, integer) IS
     'Creates a crawl job (no chunks yet; see create_chunks). NULL priority, max_retries, chunk_size and '
     'retry_base_delay take the defaults in chunkq.settings. p_id gives the job an id of your own (e.g. your '
     'application''s job id); ids chunkq hands out afterwards skip past it. The scheduling options: p_max_running '
@@ -1002,9 +1002,9 @@ COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, inte
     'failure budget p_max_failed_ratio, p_max_failed_chunks, p_max_consecutive_failures. Raises CQ001 for a blank '
     'name, max_images <= 0, more chunks than settings.max_chunks_per_job, an id in use or a limit out of range.';
 REVOKE ALL ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval,
-                                         integer, text, real, real, integer, integer) FROM PUBLIC;
+                                         integer, text, double precision, double precision, integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval,
-                                            integer, text, real, real, integer, integer) TO chunkq_app;
+                                            integer, text, double precision, double precision, integer, integer) TO chunkq_app;
 
 CREATE OR REPLACE FUNCTION chunkq.create_chunks(
     p_job_id bigint,

@@ -1611,7 +1611,7 @@ COMMENT ON FUNCTION chunkq._take_chunks(bigint[], text, interval, text) IS
     'Internal: leases the given locked pending chunks to a worker for p_lease (attempt + 1, a new lease token); '
     'the caller books it.';
 
-CREATE OR REPLACE FUNCTION chunkq._validate_limits(p_max_running integer, p_rate_key text, p_weight real, p_max_failed_ratio real, p_max_failed_chunks integer, p_max_consecutive_failures integer)
+CREATE OR REPLACE FUNCTION chunkq._validate_limits(p_max_running integer, p_rate_key text, p_weight double precision, p_max_failed_ratio double precision, p_max_failed_chunks integer, p_max_consecutive_failures integer)
  RETURNS void
  LANGUAGE plpgsql
  IMMUTABLE
@@ -1638,7 +1638,7 @@ BEGIN
             USING ERRCODE = 'CQ001';
     END IF;
 END $function$;
-COMMENT ON FUNCTION chunkq._validate_limits(integer, text, real, real, integer, integer) IS
+COMMENT ON FUNCTION chunkq._validate_limits(integer, text, double precision, double precision, integer, integer) IS
     'Internal: raises CQ001 for a job limit out of range (NULL is no limit, except for weight).';
 
 CREATE OR REPLACE FUNCTION chunkq._validate_priority(p_priority integer)
@@ -1974,7 +1974,7 @@ COMMENT ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) IS
     'CQ005 if the job already has chunks (it never duplicates them).';
 GRANT EXECUTE ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) TO chunkq_app;
 
-CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer, p_id bigint DEFAULT NULL::bigint, p_retry_base_delay interval DEFAULT NULL::interval, p_max_running integer DEFAULT NULL::integer, p_rate_key text DEFAULT NULL::text, p_weight real DEFAULT 1, p_max_failed_ratio real DEFAULT NULL::real, p_max_failed_chunks integer DEFAULT NULL::integer, p_max_consecutive_failures integer DEFAULT NULL::integer)
+CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer, p_id bigint DEFAULT NULL::bigint, p_retry_base_delay interval DEFAULT NULL::interval, p_max_running integer DEFAULT NULL::integer, p_rate_key text DEFAULT NULL::text, p_weight double precision DEFAULT 1, p_max_failed_ratio double precision DEFAULT NULL::double precision, p_max_failed_chunks integer DEFAULT NULL::integer, p_max_consecutive_failures integer DEFAULT NULL::integer)
  RETURNS chunkq.crawl_jobs
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -2035,14 +2035,14 @@ BEGIN
     END IF;
     RETURN v_job;
 END $function$;
-COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, real, real, integer, integer) IS
+COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, double precision, double precision, integer, integer) IS
     'Creates a crawl job (no chunks yet; see create_chunks). NULL priority, max_retries, chunk_size and '
     'retry_base_delay take the defaults in chunkq.settings. p_id gives the job an id of your own (e.g. your '
     'application''s job id); ids chunkq hands out afterwards skip past it. The scheduling options: p_max_running '
     '(cap on running chunks), p_rate_key (whose chunkq.rate_limits apply), p_weight (share of claims), and the '
     'failure budget p_max_failed_ratio, p_max_failed_chunks, p_max_consecutive_failures. Raises CQ001 for a blank '
     'name, max_images <= 0, more chunks than settings.max_chunks_per_job, an id in use or a limit out of range.';
-GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, real, real, integer, integer) TO chunkq_app;
+GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, double precision, double precision, integer, integer) TO chunkq_app;
 
 CREATE OR REPLACE FUNCTION chunkq.defer_chunk(p_chunk_id bigint, p_attempt integer, p_delay interval, p_reason text DEFAULT NULL::text, p_block_key boolean DEFAULT false, p_lease_token uuid DEFAULT NULL::uuid)
  RETURNS chunkq.chunk_outcome
