@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
+from chunkq import ChunkCancelled, ChunkNotFound, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
 from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
@@ -48,7 +48,9 @@ from .lease import Held, Holdings, LeaseKeeper
 
 T = TypeVar("T")
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
-REFUSALS = (LeaseLost, InvalidTransition)  # a chunk is no longer held as this worker thinks
+# A chunk is no longer held as this worker thinks: its lease lapsed, its job was cancelled, or the job was
+# deleted with its chunks (ChunkNotFound: an operator's `job cancel` then `job delete`). Routine, never a crash.
+REFUSALS = (LeaseLost, InvalidTransition, ChunkNotFound)
 #: Seconds a completion may wait to be reported with the next claim.
 FLUSH_AFTER = 1.0
 #: Seconds the keeper waits for the main thread to finish a report before handing back regardless.
@@ -161,8 +163,13 @@ class Worker:
 
     def claim(self, session: Session) -> list[JobChunk]:
         """Reports the held-back completions and claims up to --batch more chunks, in one call."""
+        return self.report_completed(session, limit=self.config.batch)
+
+    def claim_alone(self, session: Session, limit: int) -> list[JobChunk]:
+        if not limit:
+            return []
         try:
-            return self.report_completed(session, limit=self.config.batch)
+            return session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id, lease=self.config.lease)
         except JobNotFound:  # the --job was deleted while we ran: nothing to do, ever
             logs.event("the job to work on no longer exists", level=logging.WARNING, job=self.config.job_id)
             return []
@@ -189,15 +196,10 @@ class Worker:
                         lease=self.config.lease,
                     )
                     outcomes = ["completed"] * len(done)
-                except REFUSALS:
+                except (*REFUSALS, JobNotFound):
+                    # One of the chunks is no longer held, or the --job is gone: each on its own, then the claim.
                     outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
-                    claimed = (
-                        session.chunks.claim(
-                            self.worker_id, limit=limit, job_id=self.config.job_id, lease=self.config.lease
-                        )
-                        if limit
-                        else []
-                    )
+                    claimed = self.claim_alone(session, limit)
             for held in finished:
                 self.holdings.drop(held.chunk.id)
             self.completed_since = None
@@ -217,8 +219,11 @@ class Worker:
         for held in self.holdings.all():
             if not held.lost.is_set():
                 chunk = held.chunk
-                session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
-                logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+                try:
+                    session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
+                    logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+                except REFUSALS as refusal:  # not ours any more: nothing to hand back
+                    self.log_outcome(chunk, refused_outcome(refusal), 0.0, None)
             self.holdings.drop(held.chunk.id)
 
     def hand_back_and_exit(self) -> None:
@@ -337,7 +342,7 @@ class Worker:
         return self.session.call(send)
 
     def deliver(self, session: Session, chunk: JobChunk, error: str | None, retry: bool) -> str:
-        """Reports one chunk's outcome; returns completed, retrying, failed, lease_lost or cancelled."""
+        """Reports one chunk's outcome; returns completed, retrying, failed, lease_lost, cancelled or vanished."""
         try:
             if error is None:
                 session.chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
@@ -351,14 +356,14 @@ class Worker:
                 lease_token=chunk.lease_token,
             )
             return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
-        except ChunkCancelled:
-            return "cancelled"
-        except LeaseLost:
-            return "lease_lost"
+        except (ChunkCancelled, LeaseLost, ChunkNotFound) as refusal:
+            return refused_outcome(refusal)
         except InvalidTransition:
             # A first try may have been recorded just before the connection broke.
             now = session.chunks.get_by_id(chunk.id)
-            if now is not None and now.attempt == chunk.attempt:
+            if now is None:
+                return "vanished"
+            if now.attempt == chunk.attempt:
                 recorded = {
                     ChunkStatus.COMPLETED: "completed",
                     ChunkStatus.FAILED: "failed",
@@ -372,6 +377,15 @@ class Worker:
             job = self.session.call(lambda s: s.jobs.get_by_id(job_id))
             self.keywords[job_id] = job.keywords if job else None
         return self.keywords[job_id]
+
+
+def refused_outcome(refusal: Exception) -> str:
+    """The outcome logged for a report chunkq refused: cancelled, vanished (deleted with its job) or lease_lost."""
+    if isinstance(refusal, ChunkCancelled):
+        return "cancelled"
+    if isinstance(refusal, ChunkNotFound):
+        return "vanished"
+    return "lease_lost"
 
 
 def describe(exc: BaseException) -> str:

@@ -53,3 +53,10 @@ def slow_index(chunk: ChunkTask) -> None:
         with open(os.environ["CHUNKQ_TEST_MARK"], "w") as mark:
             mark.write(str(os.getpid()))
         time.sleep(SLEEP)
+
+
+def sleepy_fails_odd(chunk: ChunkTask) -> None:
+    """Every chunk takes CHUNKQ_TEST_SLEEP seconds, whatever happens meanwhile; odd chunk indexes then fail."""
+    time.sleep(SLEEP)
+    if chunk.chunk_index % 2:
+        raise RuntimeError(f"chunk {chunk.chunk_index} fails after its sleep")
