@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -184,6 +185,8 @@ def test_demo_small_job(chunkq, conn):
     assert result.code == 0, result
     assert "demo finished" in result.out and "8/8" in result.out
     assert conn.execute("SELECT status::text FROM chunkq.crawl_jobs").fetchall() == [("completed",)]
+    # Its own short back-off: a failed chunk is retried within a second, not after 10 s doubling.
+    assert conn.execute("SELECT retry_base_delay FROM chunkq.crawl_jobs").fetchone() == (timedelta(seconds=0.5),)
 
 
 @pytest.mark.slow
