@@ -348,7 +348,8 @@ def cmd_job_delete(args: argparse.Namespace) -> int:
             raise Failure(f"crawl job {args.job_id} does not exist", EXIT_NOT_FOUND)
         if job.status == JobStatus.RUNNING:  # refused anyway: say so before asking
             raise Failure(cancel_first, EXIT_REFUSED)
-        confirm(args, f"deleting job {job.id} ({job.name!r}, {job.status}) with its {job.total_chunks:,} chunks")
+        chunks = f"{job.total_chunks:,} chunk{'' if job.total_chunks == 1 else 's'}"
+        confirm(args, f"deleting job {job.id} ({job.name!r}, {job.status}) deletes its {chunks} and their errors")
         try:
             job = jobs.delete(args.job_id)
         except InvalidTransition as exc:  # it started running meanwhile

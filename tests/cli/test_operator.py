@@ -127,7 +127,10 @@ def on_terminal(dsn: str, args: list[str], answer: bytes) -> tuple[int, str]:
 
 
 DESTRUCTIVE = {
-    "job delete": (["job", "delete", "{job}"], "deleting job {job} ('test job', cancelled) with its 1 chunks"),
+    "job delete": (
+        ["job", "delete", "{job}"],
+        "deleting job {job} ('test job', cancelled) deletes its 1 chunk and their errors",
+    ),
     "prune": (["prune", "--older-than", "1 day"], "pruning deletes every job that finished more than 1 day ago"),
     "migrate rollback": (["migrate", "rollback"], "rolling back 0009.operator-safety undoes the last migration"),
     "migrate rollback --all": (["migrate", "rollback", "--all"], "rolling back 9 migrations drops schema chunkq"),
