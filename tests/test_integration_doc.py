@@ -49,7 +49,10 @@ def load(code: str, name: str, directory: Path):
 def url_dsn(dsn: str) -> str:
     """The test database as a postgresql:// URL, as the doc's CHUNKQ_DSN is."""
     p = conninfo_to_dict(dsn)
-    return f"postgresql://{p['user']}:{p.get('password', '')}@{p.get('host', '')}:{p.get('port', 5432)}/{p['dbname']}"
+    who, port = f"{p['user']}:{p.get('password', '')}", p.get("port", 5432)
+    if str(p.get("host", "")).startswith("/"):  # a socket directory (the embedded server)
+        return f"postgresql://{who}@/{p['dbname']}?host={p['host']}&port={port}"
+    return f"postgresql://{who}@{p.get('host', 'localhost')}:{port}/{p['dbname']}"
 
 
 def test_every_python_block_is_run_here():

@@ -228,8 +228,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         elif args.action == "rollback":
             applied_ids = [name for name, applied in schema.status(dsn) if applied][::-1]
             going = applied_ids if args.all else applied_ids[:1]
-            if len(going) == len(applied_ids) and going:
-                confirm(args, f"rolling back {len(going)} migrations drops schema chunkq with every job and chunk")
+            if going and len(going) == len(applied_ids):
+                what = going[0] if len(going) == 1 else f"all {len(going)} migrations"
+                confirm(args, f"rolling back {what} drops schema chunkq with every job and chunk")
             elif going:
                 confirm(args, f"rolling back {going[0]} undoes the last migration")
             rolled = schema.rollback(dsn, None if args.all else 1)

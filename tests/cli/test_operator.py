@@ -133,7 +133,7 @@ DESTRUCTIVE = {
     ),
     "prune": (["prune", "--older-than", "1 day"], "pruning deletes every job that finished more than 1 day ago"),
     "migrate rollback": (["migrate", "rollback"], "rolling back 0009.operator-safety undoes the last migration"),
-    "migrate rollback --all": (["migrate", "rollback", "--all"], "rolling back 9 migrations drops schema chunkq"),
+    "migrate rollback --all": (["migrate", "rollback", "--all"], "rolling back all 9 migrations drops schema chunkq"),
 }
 
 
