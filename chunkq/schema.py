@@ -27,7 +27,7 @@ from .errors import SchemaNotMigrated, ValidationError
 logger = logging.getLogger("chunkq")
 
 #: The chunkq.schema_version() this client needs (the number of the last migration).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def migrations_path() -> Path:

@@ -30,12 +30,14 @@ from ..records import (
     ChunkStatus,
     CrawlJob,
     JobChunk,
+    JobBlocker,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     JobStatus,
     Lease,
     LeaseState,
+    MetricSample,
     QueueDepth,
     QueueStats,
     record_row,
@@ -89,6 +91,33 @@ class CrawlJobRepository:
     async def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
         """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
         return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, record_row(JobOverview))
+
+    async def search(
+        self, status: JobStatus | str | None = None, name: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[JobOverview]:
+        """A page of jobs with their chunk counts, newest first: optionally one status, and names containing
+        ``name`` (case-insensitive, taken literally)."""
+        params = {"status": status, "name": name, "limit": limit, "offset": offset}
+        return await fetch(self.conn, q.SEARCH_JOBS, params, record_row(JobOverview))
+
+    async def count(self, status: JobStatus | str | None = None, name: str | None = None) -> int:
+        """How many jobs ``search`` pages through with the same filters."""
+        rows = await fetch(self.conn, q.COUNT_JOBS, {"status": status, "name": name}, dict_row)
+        return int(rows[0]["jobs"])
+
+    async def get_overview(self, job_id: int) -> JobOverview | None:
+        """One job with its chunk counts, rate and ETA; None when there is no such job."""
+        rows = await fetch(self.conn, q.GET_JOB_OVERVIEW, {"job_id": job_id}, record_row(JobOverview))
+        return rows[0] if rows else None
+
+    async def failure_summary(self, job_id: int, limit: int = 20) -> list[FailureKind]:
+        """The job's errors grouped by kind, most frequent first, each with its latest example."""
+        params = {"job_id": job_id, "limit": limit}
+        return await fetch(self.conn, q.JOB_FAILURE_SUMMARY, params, record_row(FailureKind))
+
+    async def blockers(self, job_id: int) -> list[JobBlocker]:
+        """Why the job is not moving, one reason per row (none: it moves)."""
+        return await fetch(self.conn, q.JOB_BLOCKERS, {"job_id": job_id}, record_row(JobBlocker))
 
     async def pause(self, job_id: int) -> CrawlJob:
         """Stops handing out the job's chunks (running ones carry on); a no-op for a paused job."""
@@ -301,6 +330,11 @@ class JobChunkRepository:
     async def failure_summary(self) -> list[FailureKind]:
         """Errors grouped by kind, most frequent first (chunkq.failure_summary)."""
         return await fetch(self.conn, q.FAILURE_SUMMARY, {}, record_row(FailureKind))
+
+    async def metrics(self, top_jobs: int = 20) -> list[MetricSample]:
+        """Every gauge of the queue in one cheap call (chunkq.metrics_snapshot); ``top_jobs`` jobs get series
+        of their own, the rest are summed under job "other"."""
+        return await fetch(self.conn, q.METRICS_SNAPSHOT, {"top_jobs": top_jobs}, record_row(MetricSample))
 
     async def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""
