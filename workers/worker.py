@@ -41,7 +41,7 @@ from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, Job
 from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
-from . import logs
+from . import logs, metrics
 from .config import PoolConfig
 from .handler import ChunkTask, DoNotRetry, Handler, load_handler
 from .lease import Held, Holdings, LeaseKeeper
@@ -89,6 +89,7 @@ class Session:
                 return operation(self)
             except CONNECTION_ERRORS as exc:
                 logs.event("connection lost, reconnecting", level=logging.WARNING, error=str(exc))
+                metrics.reconnected()
                 if self.conn is not None:
                     self.conn.close()
                 self.connect()
@@ -176,6 +177,8 @@ class Worker:
                 self.holdings.drop(held.chunk.id)
             self.completed_since = None
             self.holdings.add(claimed)
+        if limit:
+            metrics.claimed(len(claimed))
         for held, outcome in [*zip(done, outcomes), *((h, "lease_lost") for h in finished if h.lost.is_set())]:
             self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
         return claimed
@@ -193,6 +196,7 @@ class Worker:
                 chunk = held.chunk
                 session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
                 logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+                metrics.chunk_outcome("released")
             self.holdings.drop(held.chunk.id)
 
     def hand_back_and_exit(self) -> None:
@@ -258,6 +262,7 @@ class Worker:
         except Exception as exc:
             error = describe(exc)
         took = time.monotonic() - started
+        metrics.handler_took(took)
         duration_ms = round(took * 1000, 1)
         if error is None:
             with self.holdings.lock:  # so that a hand-back sees it either running or finished
@@ -269,6 +274,7 @@ class Worker:
         return took
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
+        metrics.chunk_outcome(outcome)
         level = logging.INFO if outcome == "completed" else logging.WARNING
         if not logs.log.isEnabledFor(level):  # --log-level warning: no line per completed chunk, nor its fields
             return
@@ -332,6 +338,7 @@ def describe(exc: BaseException) -> str:
 def main(config: PoolConfig, slot: int, wake: Connection, idle: Any) -> None:
     """Entry point of a worker process (started by the supervisor)."""
     logs.setup(config.log_format, config.log_level)
+    metrics.start_worker(config)
     multiprocessing.current_process().name = f"worker-{slot}"
     worker = Worker(config, slot, load_handler(config.handler), wake, idle)
     # Ctrl-C reaches the whole process group; the supervisor decides and sends SIGTERM.
