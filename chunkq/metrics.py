@@ -10,12 +10,15 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from .records import MetricSample
 
-__all__ = ["CONTENT_TYPE_LATEST", "GAUGES", "exposition", "families"]
+__all__ = ["CONTENT_TYPE", "GAUGES", "exposition", "families"]
+
+#: The classic text format, which every Prometheus reads (the names here need none of 1.0.0's escaping).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Every gauge metrics_snapshot() returns: help text and label names. A metric a newer schema adds and
 #: this table lacks is still exported, with its own label names and a generic help text.
@@ -80,7 +83,7 @@ class _Fixed(Collector):
 
 
 def exposition(metrics: Sequence[Metric]) -> bytes:
-    """The text exposition format of these families (Content-Type: CONTENT_TYPE_LATEST)."""
+    """The text exposition format of these families (Content-Type: CONTENT_TYPE)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(metrics))
     return generate_latest(registry)

@@ -113,11 +113,14 @@ def path_id(request: Request, name: str) -> int:
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    """A small urlencoded form (BodyLimit has bounded it already); 400 for anything else."""
+    """A small urlencoded form (Guard has bounded it already), empty without a body; 400 for anything else."""
+    body = await request.body()
+    if not body:
+        return {}
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
         raise HTTPException(400, "expected a form (application/x-www-form-urlencoded)")
     try:
-        fields = parse_qs((await request.body()).decode("utf-8"), keep_blank_values=True, max_num_fields=10,
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=10,
                           strict_parsing=False, errors="strict")
     except (UnicodeDecodeError, ValueError) as exc:
         raise HTTPException(400, f"malformed form: {one_line(exc)}") from exc
@@ -260,7 +263,7 @@ class Dashboard:
             logger.warning("metrics: database unreachable: %s", one_line(exc))
             samples, up = [], False
         body = metrics.exposition(metrics.families(samples, up=up, seconds=time.perf_counter() - started))
-        return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
 
     async def health(self, request: Request) -> Response:
         return Response("ok\n", media_type="text/plain")

@@ -53,3 +53,10 @@ def slow_index(chunk: ChunkTask) -> None:
         with open(os.environ["CHUNKQ_TEST_MARK"], "w") as mark:
             mark.write(str(os.getpid()))
         time.sleep(SLEEP)
+
+
+def report_prometheus_imported(chunk: ChunkTask) -> None:
+    """Fails every chunk for good with whether prometheus_client was imported in this worker process."""
+    import sys
+
+    raise DoNotRetry(f"prometheus_client imported: {'prometheus_client' in sys.modules}")
