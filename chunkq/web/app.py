@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -221,6 +222,7 @@ class Dashboard:
             raise HTTPException(404, f"there is no job {job_id}")
         done = DONE.get(request.query_params.get("done", ""))
         return self.render(request, "job.html", {**data, "job": job, "failed": failed, "done": done,
+                                                "keywords": json.dumps(job.keywords, ensure_ascii=False),
                                                 "live": f"/api/jobs/{job_id}"})
 
     async def job_api(self, request: Request) -> Response:

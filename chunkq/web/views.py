@@ -83,7 +83,7 @@ def job_row(job: JobOverview) -> dict[str, Any]:
         "cancelled": number(job.cancelled_chunks),
         "images": f"{job.completed_images:,} / {job.max_images:,}",
         "rate": rate(job.chunks_per_second),
-        "eta": duration(job.eta),
+        "eta": DASH if job.paused_at else duration(job.eta),
         "created": moment(job.created_at),
         "started": moment(job.started_at),
         "finished": moment(job.finished_at),
