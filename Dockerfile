@@ -1,4 +1,4 @@
-# chunkq in one image: the chunkq command (migrations, jobs, stats) and the worker pool.
+# chunkq in one image: the chunkq command (migrations, jobs, stats, the web dashboard) and the worker pool.
 # Used by docker-compose.yml; CHUNKQ_DSN tells it where Postgres is.
 FROM python:3.12-slim
 WORKDIR /app
@@ -6,7 +6,7 @@ COPY pyproject.toml README.md ./
 COPY chunkq chunkq
 COPY workers workers
 COPY migrations migrations
-RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 chunkq
+RUN pip install --no-cache-dir '.[web]' && useradd --create-home --uid 10001 chunkq
 USER chunkq
 # The supervisor runs as PID 1 and drains the pool on SIGTERM (docker stop).
 ENTRYPOINT ["chunkq"]

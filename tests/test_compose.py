@@ -45,3 +45,13 @@ def test_settings_come_from_the_environment(monkeypatch):
     text = config()
     assert "postgresql://chunkq:s3cret@postgres:5432/chunkq" in text
     assert "- '6'" in text or '- "6"' in text
+
+
+def test_web_and_monitoring_services():
+    text = config("--profile", "monitoring")
+    for service in ("web:", "prometheus:", "grafana:"):
+        assert f"\n  {service}" in text
+    assert "127.0.0.1:8080:8080" in text  # the dashboard is published on this machine only
+    assert "--metrics-port" in text and "9464" in text
+    assert "/etc/prometheus" in text and "/etc/grafana/provisioning" in text
+    assert text.count("- monitoring") == 2  # Prometheus and Grafana only with the profile

@@ -37,7 +37,7 @@ def load_token(token_file: str | None) -> str | None:
             raise TokenError(f"cannot read --token-file: {exc}") from exc
         token: str | None = text.strip().splitlines()[0].strip() if text.strip() else ""
     else:
-        token = os.environ.get("CHUNKQ_WEB_TOKEN")
+        token = os.environ.get("CHUNKQ_WEB_TOKEN") or None  # set but empty (compose's default): read-only
     if token is None:
         return None
     if len(token) < MIN_TOKEN_LENGTH:
