@@ -39,8 +39,13 @@ def fill(dsn: str, jobs: int, chunks: int) -> int:
             held = repo.complete_and_claim([chunk.lease for chunk in held], "bench", limit=1000)
             done += 1000
         for chunk in held[:500]:  # failures, recorded, some retried
-            repo.fail(chunk.id, chunk.attempt, f"HTTP 503 fetching image {chunk.image_start}",
-                      retry=chunk.id % 2 == 0, lease_token=chunk.lease_token)
+            repo.fail(
+                chunk.id,
+                chunk.attempt,
+                f"HTTP 503 fetching image {chunk.image_start}",
+                retry=chunk.id % 2 == 0,
+                lease_token=chunk.lease_token,
+            )
         for job_id in ids[-10:]:
             job_repo.pause(job_id)
         repo.claim("bench-in-flight", limit=200)  # held by a worker now
@@ -75,8 +80,13 @@ def main() -> None:
         job_id = fill(dsn, args.jobs, args.chunks)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("CHUNKQ_WEB_TOKEN", "CHUNKQ_DSN")}
-        web = subprocess.Popen([sys.executable, "-m", "chunkq", "web", "--dsn", dsn, "--port", str(port)], cwd=ROOT,
-                               env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+        web = subprocess.Popen(
+            [sys.executable, "-m", "chunkq", "web", "--dsn", dsn, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
                 deadline = time.monotonic() + 30
@@ -88,10 +98,16 @@ def main() -> None:
                         if time.monotonic() > deadline:
                             raise
                         time.sleep(0.1)
-                pages = {"/metrics": "/metrics (top 20 jobs)", "/": "jobs page", "/api/jobs": "jobs page, live JSON",
-                         "/?page=15": "jobs page 15 (offset 700)", "/?status=running&name=bench": "jobs page, filtered",
-                         f"/jobs/{job_id}": "a running job's page", f"/api/jobs/{job_id}": "its live JSON",
-                         "/workers": "workers page"}
+                pages = {
+                    "/metrics": "/metrics (top 20 jobs)",
+                    "/": "jobs page",
+                    "/api/jobs": "jobs page, live JSON",
+                    "/?page=15": "jobs page 15 (offset 700)",
+                    "/?status=running&name=bench": "jobs page, filtered",
+                    f"/jobs/{job_id}": "a running job's page",
+                    f"/api/jobs/{job_id}": "its live JSON",
+                    "/workers": "workers page",
+                }
                 print(f"\n{'page':34} {'server p50':>11} {'p99':>8} {'client p50':>11}   ({args.requests} requests)")
                 for path, what in pages.items():
                     for _ in range(20):  # warm the pool, the plans and the caches
@@ -103,8 +119,11 @@ def main() -> None:
                         client.append((time.perf_counter() - started) * 1000)
                         response.raise_for_status()
                         server.append(server_ms(response))
-                    print(f"{what:34} {statistics.median(server):8.1f} ms {percentile(server, 0.99):5.1f} ms"
-                          f" {statistics.median(client):8.1f} ms", flush=True)
+                    print(
+                        f"{what:34} {statistics.median(server):8.1f} ms {percentile(server, 0.99):5.1f} ms"
+                        f" {statistics.median(client):8.1f} ms",
+                        flush=True,
+                    )
         finally:
             os.killpg(web.pid, signal.SIGTERM)
             web.wait(30)

@@ -25,22 +25,30 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "chunkq_chunks": ("Chunks by state, all jobs (from the counter rows).", ("state",)),
     "chunkq_job_chunks": (
-        "Chunks by state of the most recent or unfinished jobs; the other jobs summed under job=\"other\".",
+        'Chunks by state of the most recent or unfinished jobs; the other jobs summed under job="other".',
         ("job", "state"),
     ),
-    "chunkq_job_info": ("1 for each job that has series of its own, with its name and status.",
-                        ("job", "name", "status")),
+    "chunkq_job_info": (
+        "1 for each job that has series of its own, with its name and status.",
+        ("job", "name", "status"),
+    ),
     "chunkq_job_progress_ratio": ("Completed chunks / total chunks of a job (0 to 1).", ("job",)),
-    "chunkq_job_chunks_completed_per_second": ("A job's completions per second over the last one to two minutes.",
-                                               ("job",)),
-    "chunkq_job_eta_seconds": ("A job's pending and processing chunks at its current rate; absent when it stands.",
-                               ("job",)),
+    "chunkq_job_chunks_completed_per_second": (
+        "A job's completions per second over the last one to two minutes.",
+        ("job",),
+    ),
+    "chunkq_job_eta_seconds": (
+        "A job's pending and processing chunks at its current rate; absent when it stands.",
+        ("job",),
+    ),
     "chunkq_job_paused": ("1 while a job is paused.", ("job",)),
     "chunkq_jobs": ("Jobs by status.", ("status",)),
     "chunkq_jobs_paused": ("Jobs paused now.", ()),
     "chunkq_queue_pending_chunks": ("Pending chunks by priority (paused jobs' included).", ("priority",)),
     "chunkq_queue_oldest_pending_age_seconds": (
-        "Age of the oldest pending chunk a claim may take, by priority (paused jobs' left out).", ("priority",)),
+        "Age of the oldest pending chunk a claim may take, by priority (paused jobs' left out).",
+        ("priority",),
+    ),
     "chunkq_chunks_completed_per_second": ("Completions per second over the last one to two minutes, all jobs.", ()),
     "chunkq_failure_ratio": ("Failed / (completed + failed) chunks, all jobs.", ()),
     "chunkq_chunk_errors_per_second": ("Errors recorded per second over the last minute (retried ones too).", ()),
@@ -51,7 +59,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "chunkq_last_vacuum_timestamp_seconds": ("When job_chunks was last vacuumed (Unix time).", ()),
     "chunkq_autovacuum_enabled": ("1 when autovacuum is on.", ()),
     "chunkq_oldest_transaction_age_seconds": (
-        "Age of the oldest open transaction in the database (it holds back vacuum); 0 when none.", ()),
+        "Age of the oldest open transaction in the database (it holds back vacuum); 0 when none.",
+        (),
+    ),
 }
 
 

@@ -14,10 +14,17 @@ import pytest
 from tests.helpers.pool import ROOT
 
 DEPLOY = ROOT / "deploy"
-POOL_METRICS = {"chunkq_worker_chunks_total", "chunkq_worker_handler_duration_seconds_bucket",
-                "chunkq_worker_claims_total", "chunkq_worker_chunks_claimed_total", "chunkq_worker_heartbeats_total",
-                "chunkq_worker_lease_losses_total", "chunkq_worker_reconnects_total",
-                "chunkq_pool_worker_restarts_total", "chunkq_pool_processes"}
+POOL_METRICS = {
+    "chunkq_worker_chunks_total",
+    "chunkq_worker_handler_duration_seconds_bucket",
+    "chunkq_worker_claims_total",
+    "chunkq_worker_chunks_claimed_total",
+    "chunkq_worker_heartbeats_total",
+    "chunkq_worker_lease_losses_total",
+    "chunkq_worker_reconnects_total",
+    "chunkq_pool_worker_restarts_total",
+    "chunkq_pool_processes",
+}
 
 
 def exported() -> set[str]:
@@ -38,8 +45,13 @@ def test_alerts_and_dashboard_use_only_exported_metrics():
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "chunkq.json").read_text())
     exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
     assert names_in(exprs) - known == set()
-    for metric in ("chunkq_oldest_transaction_age_seconds", "chunkq_expired_leases", "chunkq_workers_connected",
-                   "chunkq_queue_oldest_pending_age_seconds", "chunkq_chunk_errors_per_second"):
+    for metric in (
+        "chunkq_oldest_transaction_age_seconds",
+        "chunkq_expired_leases",
+        "chunkq_workers_connected",
+        "chunkq_queue_oldest_pending_age_seconds",
+        "chunkq_chunk_errors_per_second",
+    ):
         assert metric in alerts
 
 

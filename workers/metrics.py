@@ -27,18 +27,25 @@ class _Counts:
     def __init__(self) -> None:
         from prometheus_client import Counter, Histogram
 
-        self.chunks = Counter("chunkq_worker_chunks", "Chunks whose outcome a worker reported, by outcome.",
-                              ["outcome"])
-        self.duration = Histogram("chunkq_worker_handler_duration_seconds",
-                                  "Time the handler took per chunk, successful or not.", buckets=DURATION_BUCKETS)
+        self.chunks = Counter(
+            "chunkq_worker_chunks", "Chunks whose outcome a worker reported, by outcome.", ["outcome"]
+        )
+        self.duration = Histogram(
+            "chunkq_worker_handler_duration_seconds",
+            "Time the handler took per chunk, successful or not.",
+            buckets=DURATION_BUCKETS,
+        )
         self.claims = Counter("chunkq_worker_claims", "Claim calls, by whether they got chunks.", ["result"])
         self.claimed = Counter("chunkq_worker_chunks_claimed", "Chunks handed to the pool's workers by claims.")
-        self.heartbeats = Counter("chunkq_worker_heartbeats",
-                                  "Heartbeat calls (one per beat for every chunk a worker holds), by result.",
-                                  ["result"])
-        self.lease_losses = Counter("chunkq_worker_lease_losses",
-                                    "Chunks a worker found it no longer held while it ran them (reclaimed or "
-                                    "cancelled).")
+        self.heartbeats = Counter(
+            "chunkq_worker_heartbeats",
+            "Heartbeat calls (one per beat for every chunk a worker holds), by result.",
+            ["result"],
+        )
+        self.lease_losses = Counter(
+            "chunkq_worker_lease_losses",
+            "Chunks a worker found it no longer held while it ran them (reclaimed or cancelled).",
+        )
         self.reconnects = Counter("chunkq_worker_reconnects", "Times a worker lost its connection and reconnected.")
         self.restarts = Counter("chunkq_pool_worker_restarts", "Worker processes that died and were restarted.")
 
@@ -54,6 +61,7 @@ def start_worker(config: PoolConfig) -> None:
 
 
 # -- the hooks the worker loop calls --------------------------------------------------------------------------
+
 
 def chunk_outcome(outcome: str) -> None:
     """completed, retrying, failed, lease_lost, cancelled, released, refused."""
@@ -94,6 +102,7 @@ def worker_restarted() -> None:
 
 # -- the endpoint, in the supervisor ---------------------------------------------------------------------------
 
+
 class Endpoint:
     """The HTTP server (prometheus-client's own, a thread) that sums the counts of every worker, living or dead."""
 
@@ -133,8 +142,9 @@ class _PoolCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        yield GaugeMetricFamily("chunkq_pool_processes", "Worker processes the supervisor runs now.",
-                                value=self.processes())
+        yield GaugeMetricFamily(
+            "chunkq_pool_processes", "Worker processes the supervisor runs now.", value=self.processes()
+        )
 
 
 _endpoint: Endpoint | None = None

@@ -12,5 +12,14 @@ def serve(config: WebConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Runs the dashboard with uvicorn until SIGINT or SIGTERM."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
-                server_header=False, proxy_headers=False, timeout_keep_alive=5, lifespan="on")
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_keep_alive=5,
+        lifespan="on",
+    )

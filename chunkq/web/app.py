@@ -50,11 +50,18 @@ POOL_WAIT = 3.0  # seconds a request waits for a connection before the 503 page
 DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 ID = re.compile(r"[0-9]{1,18}")  # a bigint that cannot overflow
 ACTIONS = ("pause", "resume", "cancel", "retry-failed", "priority")
-DONE = {"pause": "Job paused.", "resume": "Job resumed.", "cancel": "Job cancelled.",
-        "retry-failed": "Failed chunks put back to pending.", "priority": "Priority changed."}
+DONE = {
+    "pause": "Job paused.",
+    "resume": "Job resumed.",
+    "cancel": "Job cancelled.",
+    "retry-failed": "Failed chunks put back to pending.",
+    "priority": "Priority changed.",
+}
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -121,8 +128,9 @@ async def read_form(request: Request) -> dict[str, str]:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
         raise HTTPException(400, "expected a form (application/x-www-form-urlencoded)")
     try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=10,
-                          strict_parsing=False, errors="strict")
+        fields = parse_qs(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=10, strict_parsing=False, errors="strict"
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise HTTPException(400, f"malformed form: {one_line(exc)}") from exc
     return {key: values[-1] for key, values in fields.items()}
@@ -133,9 +141,16 @@ class Dashboard:
         self.config = config
         self.auth = Auth(config.token)
         self.pool = AsyncConnectionPool(
-            config.dsn, min_size=1, max_size=4, open=False, timeout=POOL_WAIT, name="chunkq-web",
+            config.dsn,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=POOL_WAIT,
+            name="chunkq-web",
             kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "chunkq web"},
-            configure=self.configure, check=AsyncConnectionPool.check_connection)
+            configure=self.configure,
+            check=AsyncConnectionPool.check_connection,
+        )
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
 
     @staticmethod
@@ -163,17 +178,30 @@ class Dashboard:
     def render(self, request: Request, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
         session = self.auth.session(request)
         html = self.templates.get_template(template).render(
-            **context, path=request.url.path, actions=self.auth.enabled, signed_in=session is not None,
-            csrf=session.csrf if session else "", refresh_ms=int(self.config.refresh * 1000))
+            **context,
+            path=request.url.path,
+            actions=self.auth.enabled,
+            signed_in=session is not None,
+            csrf=session.csrf if session else "",
+            refresh_ms=int(self.config.refresh * 1000),
+        )
         return HTMLResponse(html, status_code=status)
 
     def error(self, request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"status": status, "error": detail}, status_code=status, headers=headers)
-        titles = {400: "Bad request", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
-                  409: "Refused", 413: "Request too large", 503: "Database unavailable"}
-        response = self.render(request, "error.html", {"status": status, "title": titles.get(status, "Error"),
-                                                      "detail": detail}, status)
+        titles = {
+            400: "Bad request",
+            403: "Forbidden",
+            404: "Not found",
+            405: "Method not allowed",
+            409: "Refused",
+            413: "Request too large",
+            503: "Database unavailable",
+        }
+        response = self.render(
+            request, "error.html", {"status": status, "title": titles.get(status, "Error"), "detail": detail}, status
+        )
         response.headers.update(headers or {})
         return response
 
@@ -182,8 +210,9 @@ class Dashboard:
     async def jobs_data(self, filters: JobFilters) -> dict[str, Any]:
         async with self.repos() as (jobs, chunks):
             total = await jobs.count(filters.status, filters.name)
-            rows = await jobs.search(filters.status, filters.name, limit=PAGE_SIZE,
-                                     offset=(filters.page - 1) * PAGE_SIZE)
+            rows = await jobs.search(
+                filters.status, filters.name, limit=PAGE_SIZE, offset=(filters.page - 1) * PAGE_SIZE
+            )
             summary = views.queue_summary(await chunks.metrics(top_jobs=0))
         return {"fields": summary, "rows": {"jobs": [views.job_row(job) for job in rows]}, "total": total}
 
@@ -191,11 +220,19 @@ class Dashboard:
         filters = JobFilters.parse(request)
         data = await self.jobs_data(filters)
         pages = max(1, -(-data["total"] // PAGE_SIZE))
-        return self.render(request, "jobs.html", {
-            **data, "filters": filters, "pages": pages, "statuses": list(JobStatus),
-            "live": "/api/jobs" + filters.query(),
-            "prev": filters.query(page=filters.page - 1) if filters.page > 1 else None,
-            "next": filters.query(page=filters.page + 1) if filters.page < pages else None})
+        return self.render(
+            request,
+            "jobs.html",
+            {
+                **data,
+                "filters": filters,
+                "pages": pages,
+                "statuses": list(JobStatus),
+                "live": "/api/jobs" + filters.query(),
+                "prev": filters.query(page=filters.page - 1) if filters.page > 1 else None,
+                "next": filters.query(page=filters.page + 1) if filters.page < pages else None,
+            },
+        )
 
     async def jobs_api(self, request: Request) -> Response:
         return JSONResponse(await self.jobs_data(JobFilters.parse(request)))
@@ -207,10 +244,14 @@ class Dashboard:
                 raise HTTPException(404, f"there is no job {job_id}")
             blockers = await jobs.blockers(job_id)
             kinds = await jobs.failure_summary(job_id, limit=10)
-        return {"fields": views.job_row(overview),
-                "rows": {"blockers": [views.blocker_row(b) for b in blockers],
-                         "failures": [views.failure_row(k) for k in kinds]},
-                "moving": not blockers}
+        return {
+            "fields": views.job_row(overview),
+            "rows": {
+                "blockers": [views.blocker_row(b) for b in blockers],
+                "failures": [views.failure_row(k) for k in kinds],
+            },
+            "moving": not blockers,
+        }
 
     async def job_page(self, request: Request) -> Response:
         job_id = path_id(request, "job_id")
@@ -221,9 +262,18 @@ class Dashboard:
         if job is None:
             raise HTTPException(404, f"there is no job {job_id}")
         done = DONE.get(request.query_params.get("done", ""))
-        return self.render(request, "job.html", {**data, "job": job, "failed": failed, "done": done,
-                                                "keywords": json.dumps(job.keywords, ensure_ascii=False),
-                                                "live": f"/api/jobs/{job_id}"})
+        return self.render(
+            request,
+            "job.html",
+            {
+                **data,
+                "job": job,
+                "failed": failed,
+                "done": done,
+                "keywords": json.dumps(job.keywords, ensure_ascii=False),
+                "live": f"/api/jobs/{job_id}",
+            },
+        )
 
     async def job_api(self, request: Request) -> Response:
         return JSONResponse(await self.job_data(path_id(request, "job_id")))
@@ -242,12 +292,23 @@ class Dashboard:
             workers = await chunks.live_workers()
             expired = await chunks.expired_leases()
             summary = views.queue_summary(await chunks.metrics(top_jobs=0))
-        return {"fields": summary, "rows": {"workers": [views.worker_row(w) for w in workers],
-                                            "expired": [{"key": str(e.chunk_id), "chunk": str(e.chunk_id),
-                                                         "url": f"/chunks/{e.chunk_id}", "job": str(e.job_id),
-                                                         "worker": e.worker_id or views.DASH,
-                                                         "expired_for": views.duration(e.expired_for)}
-                                                        for e in expired[:50]]}}
+        return {
+            "fields": summary,
+            "rows": {
+                "workers": [views.worker_row(w) for w in workers],
+                "expired": [
+                    {
+                        "key": str(e.chunk_id),
+                        "chunk": str(e.chunk_id),
+                        "url": f"/chunks/{e.chunk_id}",
+                        "job": str(e.job_id),
+                        "worker": e.worker_id or views.DASH,
+                        "expired_for": views.duration(e.expired_for),
+                    }
+                    for e in expired[:50]
+                ],
+            },
+        }
 
     async def workers_page(self, request: Request) -> Response:
         return self.render(request, "workers.html", {**await self.workers_data(), "live": "/api/workers"})
@@ -287,8 +348,15 @@ class Dashboard:
             await asyncio.sleep(0.5)  # slows guessing down a little; the token's length does the rest
             return self.render(request, "login.html", {"wrong": True}, 403)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, session_id, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+        response.set_cookie(
+            COOKIE,
+            session_id,
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -309,8 +377,9 @@ class Dashboard:
             raise HTTPException(403, "this dashboard is read-only: actions need $CHUNKQ_WEB_TOKEN or --token-file")
         form = await read_form(request)
         if not self.auth.may_act(request, form.get("csrf", "")):
-            raise HTTPException(403, "sign in first, and act from the dashboard's own pages (CSRF token missing "
-                                     "or wrong)")
+            raise HTTPException(
+                403, "sign in first, and act from the dashboard's own pages (CSRF token missing or wrong)"
+            )
         async with self.repos() as (jobs, chunks):
             if action == "pause":
                 await jobs.pause(job_id)
@@ -331,10 +400,12 @@ class Dashboard:
     # -- errors ---------------------------------------------------------------------------------------------
 
     def handlers(self) -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
-        def handler(status: int, detail: Callable[[Exception], str]) -> Callable[[Request, Exception],
-                                                                                 Awaitable[Response]]:
+        def handler(
+            status: int, detail: Callable[[Exception], str]
+        ) -> Callable[[Request, Exception], Awaitable[Response]]:
             async def handle(request: Request, exc: Exception) -> Response:
                 return self.error(request, status, detail(exc))
+
             return handle
 
         async def http_error(request: Request, exc: Exception) -> Response:
@@ -343,8 +414,9 @@ class Dashboard:
 
         async def database_down(request: Request, exc: Exception) -> Response:
             logger.warning("database unreachable: %s", one_line(exc))
-            return self.error(request, 503, "the database does not answer; this page works again once it does",
-                              {"retry-after": "5"})
+            return self.error(
+                request, 503, "the database does not answer; this page works again once it does", {"retry-after": "5"}
+            )
 
         return {
             HTTPException: http_error,
@@ -382,8 +454,13 @@ class Guard:
 
         body = await self.read_body(scope, receive)
         if body is None:
-            await send_with_headers({"type": "http.response.start", "status": 413,
-                                     "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"request body too large\n"})
             return
         replayed = False

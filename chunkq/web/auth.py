@@ -41,8 +41,10 @@ def load_token(token_file: str | None) -> str | None:
     if token is None:
         return None
     if len(token) < MIN_TOKEN_LENGTH:
-        raise TokenError(f"the web token must have at least {MIN_TOKEN_LENGTH} characters "
-                         "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise TokenError(
+            f"the web token must have at least {MIN_TOKEN_LENGTH} characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return token
 
 

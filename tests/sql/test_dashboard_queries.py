@@ -44,10 +44,12 @@ def test_search_pages_filters_and_counts(conn):
 def test_failure_summary_of_one_job(conn):
     mine, other = new_job(conn, 500 * 3), new_job(conn, 500 * 3)
     for job_id, error in ((mine, "HTTP 503 on image 17"), (mine, "HTTP 503 on image 912"), (other, "DNS failure")):
-        (chunk_id, attempt), = claim(conn, job_id=job_id)
+        ((chunk_id, attempt),) = claim(conn, job_id=job_id)
         conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, error))
-    rows = conn.execute("SELECT error_kind, occurrences, chunks, jobs, ended_failed, example_error"
-                        " FROM chunkq.job_failure_summary(%s)", (mine,)).fetchall()
+    rows = conn.execute(
+        "SELECT error_kind, occurrences, chunks, jobs, ended_failed, example_error FROM chunkq.job_failure_summary(%s)",
+        (mine,),
+    ).fetchall()
     assert rows == [("HTTP # on image #", 2, 2, 1, 2, "HTTP 503 on image 912")]
     with pytest.raises(psycopg.Error) as caught:
         conn.execute("SELECT * FROM chunkq.job_failure_summary(999)")
@@ -86,11 +88,17 @@ def test_every_reason_a_job_is_not_moving(conn):
 def test_metrics_snapshot_bounds_its_series(conn):
     for _ in range(5):
         new_job(conn, 500)
-    jobs = {row[0] for row in conn.execute(
-        "SELECT DISTINCT labels->>'job' FROM chunkq.metrics_snapshot(3) WHERE metric = 'chunkq_job_chunks'")}
+    jobs = {
+        row[0]
+        for row in conn.execute(
+            "SELECT DISTINCT labels->>'job' FROM chunkq.metrics_snapshot(3) WHERE metric = 'chunkq_job_chunks'"
+        )
+    }
     assert len(jobs) == 4 and "other" in jobs
-    assert conn.execute("SELECT count(*) FROM chunkq.metrics_snapshot(0) WHERE metric LIKE 'chunkq_job\\_%'"
-                        " AND labels->>'job' <> 'other'").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM chunkq.metrics_snapshot(0) WHERE metric LIKE 'chunkq_job\\_%'"
+        " AND labels->>'job' <> 'other'"
+    ).fetchone() == (0,)
     for bad in (-1, 1001, None):
         with pytest.raises(psycopg.Error) as caught:
             conn.execute("SELECT * FROM chunkq.metrics_snapshot(%s)", (bad,))

@@ -26,8 +26,16 @@ from tests.cli.conftest import cli_env
 from tests.helpers.pool import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "operator-token-for-tests-0123456789"
 SCREENSHOTS = ROOT / "build" / "screenshots"
 WEB_EXTRA = ("starlette", "uvicorn", "jinja2", "prometheus_client")
@@ -57,9 +65,14 @@ class Web:
         if token is not None:
             env["CHUNKQ_WEB_TOKEN"] = token
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "chunkq", "web", "--port", str(self.port), *args],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chunkq", "web", "--port", str(self.port), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.http = httpx.Client(base_url=self.url, timeout=10, follow_redirects=False)
         deadline = time.monotonic() + 20
         while True:
@@ -160,4 +173,4 @@ def sign_in(web: Web) -> str:
     assert response.status_code == 303, response.text
     page = web.get("/login").text
     marker = 'name="csrf" value="'
-    return page[page.index(marker) + len(marker):].split('"', 1)[0]
+    return page[page.index(marker) + len(marker) :].split('"', 1)[0]

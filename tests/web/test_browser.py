@@ -18,10 +18,10 @@ XSS = "<img src=x onerror=alert(1)>"
 CRAWL = {"CHUNKQ_SAMPLE_SECONDS_PER_IMAGE": "0.0001", "CHUNKQ_SAMPLE_FAILURE_RATE": "0.08"}
 
 
-def named_job(conn: psycopg.Connection, name: str, chunks: int, priority: int = 5,
-              keywords: str = '["cat"]') -> int:
-    job_id = conn.execute("SELECT id FROM chunkq.create_job(1, %s, %s, %s, %s)",
-                          (name, keywords, 500 * chunks, priority)).fetchone()[0]
+def named_job(conn: psycopg.Connection, name: str, chunks: int, priority: int = 5, keywords: str = '["cat"]') -> int:
+    job_id = conn.execute(
+        "SELECT id FROM chunkq.create_job(1, %s, %s, %s, %s)", (name, keywords, 500 * chunks, priority)
+    ).fetchone()[0]
     conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
     return int(job_id)
 
@@ -46,16 +46,20 @@ def test_the_jobs_page_shows_progress_moving_without_reload(conn, start_pool, st
     named_job(conn, "dogs · archive", 120, priority=3, keywords='["dog"]')
     web = start_web("--refresh", "0.5")
     start_pool("--handler", "workers.sample:crawl", "--processes", "2", env=CRAWL)
-    wait_until(lambda: scalar(conn, "SELECT completed_chunks FROM chunkq.job_overview WHERE id = %s", crawl) > 5,
-               30, "the crawl to start")
+    wait_until(
+        lambda: scalar(conn, "SELECT completed_chunks FROM chunkq.job_overview WHERE id = %s", crawl) > 5,
+        30,
+        "the crawl to start",
+    )
 
     page.goto(web.url + "/")
     no_reload_marker(page)
     bar = page.locator(f'tr[data-key="{crawl}"] progress')
     first = float(bar.get_attribute("value") or 0)
     # Polled from here: the page's CSP refuses the eval that page.wait_for_function would need.
-    later = wait_until(lambda: (value := float(bar.get_attribute("value") or 0)) > first + 2 and value, 20,
-                       "the progress bar to move")
+    later = wait_until(
+        lambda: (value := float(bar.get_attribute("value") or 0)) > first + 2 and value, 20, "the progress bar to move"
+    )
     assert same_document(page), "the page reloaded instead of updating in place"
     in_sql = scalar(conn, "SELECT completion_percentage FROM chunkq.job_overview WHERE id = %s", crawl)
     assert first + 2 < later <= in_sql
@@ -77,20 +81,30 @@ def test_pause_and_resume_from_a_job_page(conn, start_pool, start_web, page):
     page.click("button:has-text('Sign in')")
     page.wait_for_url(web.url + "/")
     page.goto(web.url + f"/jobs/{job_id}")
-    wait_until(lambda: scalar(conn, "SELECT count(*) FROM chunkq.chunk_errors WHERE job_id = %s", job_id) >= 2,
-               30, "a few failures to show")
+    wait_until(
+        lambda: scalar(conn, "SELECT count(*) FROM chunkq.chunk_errors WHERE job_id = %s", job_id) >= 2,
+        30,
+        "a few failures to show",
+    )
 
     page.click("button.pause")
     page.wait_for_url(f"**/jobs/{job_id}?done=pause")
     assert page.locator(".notice").inner_text() == "Job paused."
     assert scalar(conn, "SELECT paused_at IS NOT NULL FROM chunkq.crawl_jobs WHERE id = %s", job_id)
     # Claims stop: once the chunks already running are done, nothing more is claimed.
-    wait_until(lambda: scalar(conn, "SELECT processing_chunks FROM chunkq.job_overview WHERE id = %s", job_id) == 0,
-               10, "running chunks to finish")
+    wait_until(
+        lambda: scalar(conn, "SELECT processing_chunks FROM chunkq.job_overview WHERE id = %s", job_id) == 0,
+        10,
+        "running chunks to finish",
+    )
     quiet_since = scalar(conn, "SELECT now()")
     time.sleep(1.5)
-    assert scalar(conn, "SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s AND claimed_at > %s",
-                  job_id, quiet_since) == 0
+    assert (
+        scalar(
+            conn, "SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s AND claimed_at > %s", job_id, quiet_since
+        )
+        == 0
+    )
     assert page.locator(".blockers tr[data-key=paused]").count() == 1
     assert page.locator("[data-field=status]").first.inner_text() == "paused"
     screenshot(page, "dashboard-job.png")
@@ -98,8 +112,16 @@ def test_pause_and_resume_from_a_job_page(conn, start_pool, start_web, page):
     page.click("button.resume")
     page.wait_for_url(f"**/jobs/{job_id}?done=resume")
     resumed_at = scalar(conn, "SELECT now()")
-    wait_until(lambda: scalar(conn, "SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s AND claimed_at > %s",
-                              job_id, resumed_at) > 0, 15, "claims to start again")
+    wait_until(
+        lambda: (
+            scalar(
+                conn, "SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s AND claimed_at > %s", job_id, resumed_at
+            )
+            > 0
+        ),
+        15,
+        "claims to start again",
+    )
     page.wait_for_selector(".blockers tr[data-key=paused]", state="detached", timeout=10_000)
     assert page.problems == []
 

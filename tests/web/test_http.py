@@ -30,19 +30,41 @@ def raw(web: Web, data: bytes) -> bytes:
 
 def test_pages_answer_and_bad_input_gets_the_right_status(conn, start_web):
     job_id = new_job(conn, 500 * 3)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'HTTP 503 from the search engine', true)", (chunk_id, attempt))
     web = start_web()
-    for path in ("/", "/?status=running&name=TEST&page=1", f"/jobs/{job_id}", f"/chunks/{chunk_id}", "/workers",
-                 "/api/jobs", f"/api/jobs/{job_id}", "/api/workers", "/metrics", "/login", "/static/app.js"):
+    for path in (
+        "/",
+        "/?status=running&name=TEST&page=1",
+        f"/jobs/{job_id}",
+        f"/chunks/{chunk_id}",
+        "/workers",
+        "/api/jobs",
+        f"/api/jobs/{job_id}",
+        "/api/workers",
+        "/metrics",
+        "/login",
+        "/static/app.js",
+    ):
         assert web.get(path).status_code == 200, path
     assert "HTTP # from the search engine" in web.get(f"/jobs/{job_id}").text  # the failure, by kind
 
     expected = {
-        "/jobs/999999": 404, "/api/jobs/999999": 404, "/chunks/999999": 404, "/no/such/page": 404,
-        "/jobs/abc": 400, "/jobs/-1": 400, "/jobs/99999999999999999999999": 400, "/chunks/1e3": 400,
-        "/?page=0": 400, "/?page=x": 400, "/?page=9999999999": 400, "/?status=bogus": 400,
-        "/?name=" + "n" * 201: 400, "/?name=%00": 400, "/api/jobs?status=nope": 400,
+        "/jobs/999999": 404,
+        "/api/jobs/999999": 404,
+        "/chunks/999999": 404,
+        "/no/such/page": 404,
+        "/jobs/abc": 400,
+        "/jobs/-1": 400,
+        "/jobs/99999999999999999999999": 400,
+        "/chunks/1e3": 400,
+        "/?page=0": 400,
+        "/?page=x": 400,
+        "/?page=9999999999": 400,
+        "/?status=bogus": 400,
+        "/?name=" + "n" * 201: 400,
+        "/?name=%00": 400,
+        "/api/jobs?status=nope": 400,
     }
     for path, status in expected.items():
         response = web.get(path)
@@ -66,17 +88,22 @@ def test_pages_answer_and_bad_input_gets_the_right_status(conn, start_web):
     assert web.post("/login", content=chunked(), headers=big).status_code == 413
 
     # Whatever arrives on the socket, the server answers the next request.
-    for garbage in (b"\x00\xff\xfe garbage\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000
-                    + b"\r\n\r\n", b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-                    b"GET /%%%%/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"):
+    for garbage in (
+        b"\x00\xff\xfe garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"GET /%%%%/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+    ):
         raw(web, garbage)
         assert web.alive()
     assert web.get("/").status_code == 200
 
 
 def test_security_headers_and_a_hostile_name_as_text(conn, start_web):
-    job_id = conn.execute("SELECT id FROM chunkq.create_job(1, %s, '[\"<script>alert(2)</script>\"]', 1000)",
-                          (XSS,)).fetchone()[0]
+    job_id = conn.execute(
+        "SELECT id FROM chunkq.create_job(1, %s, '[\"<script>alert(2)</script>\"]', 1000)", (XSS,)
+    ).fetchone()[0]
     conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
     web = start_web()
     for path in ("/", f"/jobs/{job_id}", "/?name=" + XSS):
@@ -126,10 +153,16 @@ def test_actions_need_the_token_a_session_and_its_csrf_token(conn, start_web):
 
     assert web.post(f"/jobs/{job_id}/pause", data={}).status_code == 403  # no CSRF token
     assert web.post(f"/jobs/{job_id}/pause", data={"csrf": csrf[:-2] + "zz"}).status_code == 403
-    assert web.post(f"/jobs/{job_id}/pause", data={"csrf": csrf},
-                    headers={"origin": "http://evil.example"}).status_code == 403
-    assert web.post(f"/jobs/{job_id}/pause", content=f"csrf={csrf}".encode(),
-                    headers={"content-type": "text/plain"}).status_code == 400
+    assert (
+        web.post(f"/jobs/{job_id}/pause", data={"csrf": csrf}, headers={"origin": "http://evil.example"}).status_code
+        == 403
+    )
+    assert (
+        web.post(
+            f"/jobs/{job_id}/pause", content=f"csrf={csrf}".encode(), headers={"content-type": "text/plain"}
+        ).status_code
+        == 400
+    )
     assert snapshot(conn) == before
 
     paused = web.post(f"/jobs/{job_id}/pause", data={"csrf": csrf})
@@ -140,12 +173,13 @@ def test_actions_need_the_token_a_session_and_its_csrf_token(conn, start_web):
     assert web.post(f"/jobs/{job_id}/priority", data={"csrf": csrf, "priority": "x"}).status_code == 400
     assert web.post(f"/jobs/{job_id}/priority", data={"csrf": csrf, "priority": "99"}).status_code == 400  # range
     assert web.post(f"/jobs/{job_id}/priority", data={"csrf": csrf, "priority": "8"}).status_code == 303
-    (chunk_id, attempt), = claim(conn, job_id=job_id)
+    ((chunk_id, attempt),) = claim(conn, job_id=job_id)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'gone')", (chunk_id, attempt))
     assert web.post(f"/jobs/{job_id}/retry-failed", data={"csrf": csrf}).status_code == 303
     assert web.post(f"/jobs/{job_id}/cancel", data={"csrf": csrf}).status_code == 303
-    row = conn.execute("SELECT status::text, priority, paused_at FROM chunkq.crawl_jobs WHERE id = %s",
-                       (job_id,)).fetchone()
+    row = conn.execute(
+        "SELECT status::text, priority, paused_at FROM chunkq.crawl_jobs WHERE id = %s", (job_id,)
+    ).fetchone()
     assert row == ("cancelled", 8, None)
     refused = web.post(f"/jobs/{job_id}/pause", data={"csrf": csrf})  # chunkq's own refusal
     assert refused.status_code == 409 and "cancelled" in refused.text
@@ -162,8 +196,11 @@ def test_a_database_outage_is_a_503_page_and_the_server_recovers(conn, dsn, star
     name = conn.info.dbname
     with psycopg.connect(dsn, dbname="postgres", autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
-                      " AND pid <> pg_backend_pid() AND application_name = 'chunkq web'", (name,))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+            " AND pid <> pg_backend_pid() AND application_name = 'chunkq web'",
+            (name,),
+        )
         try:
             down = web.get("/")
             assert down.status_code == 503 and "Database unavailable" in down.text
@@ -182,7 +219,7 @@ def test_a_database_outage_is_a_503_page_and_the_server_recovers(conn, dsn, star
 
 def test_the_dashboard_runs_as_chunkq_reader(conn, reader_dsn, start_web):
     job_id = new_job(conn, 500 * 2)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom', true)", (chunk_id, attempt))
     reader = start_web(on=reader_dsn)
     for path in ("/", f"/jobs/{job_id}", f"/chunks/{chunk_id}", "/workers", "/api/jobs", f"/api/jobs/{job_id}"):
@@ -206,6 +243,12 @@ def test_bad_options_are_refused_before_serving(argument, dsn):
     from tests.cli.conftest import cli_env
     from tests.helpers.pool import ROOT
 
-    result = subprocess.run([sys.executable, "-m", "chunkq", "web", argument], cwd=ROOT, capture_output=True,
-                            text=True, env=cli_env(CHUNKQ_DSN=dsn), timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "chunkq", "web", argument],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_env(CHUNKQ_DSN=dsn),
+        timeout=30,
+    )
     assert result.returncode == 2 and result.stderr.startswith("chunkq: ") and len(result.stderr.splitlines()) == 1
