@@ -46,7 +46,7 @@ logger = logging.getLogger("chunkq.web")
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
 MAX_BODY = 16 * 1024  # bytes: the largest form is a token and a CSRF token
-POOL_WAIT = 3.0  # seconds a request waits for a connection before the 503 page
+POOL_WAIT = 2.0  # seconds a request waits for a connection before the 503 page
 DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 ID = re.compile(r"[0-9]{1,18}")  # a bigint that cannot overflow
 ACTIONS = ("pause", "resume", "cancel", "retry-failed", "priority")
@@ -150,6 +150,9 @@ class Dashboard:
             kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "chunkq web"},
             configure=self.configure,
             check=AsyncConnectionPool.check_connection,
+            # Give up a failing reconnection after 10 s (the next request starts a fresh one) rather than back off
+            # for minutes: after a long outage the pages would stay 503 that long once the database is back.
+            reconnect_timeout=10,
         )
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
 
@@ -394,7 +397,12 @@ class Dashboard:
                 if not re.fullmatch(r"-?[0-9]{1,4}", priority):
                     raise HTTPException(400, "priority must be a whole number")
                 await jobs.set_priority(job_id, int(priority))
-        logger.info("job %s: %s by the dashboard", job_id, action)
+        logger.info(
+            "job %s: %s, by an operator signed in from %s",
+            job_id,
+            action,
+            request.client.host if request.client else "?",
+        )
         return RedirectResponse(f"/jobs/{job_id}?done={action}", status_code=303)
 
     # -- errors ---------------------------------------------------------------------------------------------

@@ -236,19 +236,13 @@ def test_the_dashboard_runs_as_chunkq_reader(conn, reader_dsn, start_web):
 
 
 @pytest.mark.parametrize("argument", ["--port=0", "--port=70000", "--top-jobs=5000", "--token-file=/nonexistent"])
-def test_bad_options_are_refused_before_serving(argument, dsn):
-    import subprocess
-    import sys
+def test_bad_options_are_refused_before_serving(argument, dsn, capsys, monkeypatch):
+    from chunkq.cli import main
 
-    from tests.cli.conftest import cli_env
-    from tests.helpers.pool import ROOT
-
-    result = subprocess.run(
-        [sys.executable, "-m", "chunkq", "web", argument],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=cli_env(CHUNKQ_DSN=dsn),
-        timeout=30,
-    )
-    assert result.returncode == 2 and result.stderr.startswith("chunkq: ") and len(result.stderr.splitlines()) == 1
+    monkeypatch.setenv("CHUNKQ_DSN", dsn)
+    try:
+        code = main(["web", argument])
+    except SystemExit as exit:  # argparse's refusals
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("chunkq: ") and len(err.splitlines()) == 1, err
