@@ -60,11 +60,28 @@ class Plan:
     contention_chunks: int
 
 
-FULL = Plan(chunks=50_000, repeats=3, clients=(1, 2, 4, 8), processes=(1, 2, 4), enqueue=(2_000, 200_000),
-            rows=(10_000, 1_000_000, 10_000_000), claims=2_000, progress_chunks=1_000_000,
-            contention_chunks=4_000)
-QUICK = Plan(chunks=1_000, repeats=1, clients=(2,), processes=(2,), enqueue=(2_000, 20_000),
-             rows=(5_000, 10_000), claims=200, progress_chunks=10_000, contention_chunks=400)
+FULL = Plan(
+    chunks=50_000,
+    repeats=3,
+    clients=(1, 2, 4, 8),
+    processes=(1, 2, 4),
+    enqueue=(2_000, 200_000),
+    rows=(10_000, 1_000_000, 10_000_000),
+    claims=2_000,
+    progress_chunks=1_000_000,
+    contention_chunks=4_000,
+)
+QUICK = Plan(
+    chunks=1_000,
+    repeats=1,
+    clients=(2,),
+    processes=(2,),
+    enqueue=(2_000, 20_000),
+    rows=(5_000, 10_000),
+    claims=200,
+    progress_chunks=10_000,
+    contention_chunks=400,
+)
 
 
 class Results:
@@ -156,74 +173,145 @@ def report(plan: Plan, with_peers: bool, r: Results) -> None:
     for batch in BATCHES:
         for n in sorted(set(plan.clients) | set(plan.processes)):
             ceiling, pool = ("ceiling", batch, n), ("pool", batch, n)
-            rows.append([f"{batch} per claim", str(n),
-                         f"{r[ceiling]}" if ceiling in r else "",
-                         f"{r[pool]}" if pool in r else "",
-                         f"{r.median(pool) / r.median(ceiling):.2f}" if pool in r and ceiling in r else ""])
-    table(f"Throughput: chunks claimed and completed per second, {plan.chunks:,} chunks per run",
-          ["chunks per claim", "clients / processes", "pgbench ceiling", "chunkq pool", "pool / ceiling"], rows)
+            rows.append(
+                [
+                    f"{batch} per claim",
+                    str(n),
+                    f"{r[ceiling]}" if ceiling in r else "",
+                    f"{r[pool]}" if pool in r else "",
+                    f"{r.median(pool) / r.median(ceiling):.2f}" if pool in r and ceiling in r else "",
+                ]
+            )
+    table(
+        f"Throughput: chunks claimed and completed per second, {plan.chunks:,} chunks per run",
+        ["chunks per claim", "clients / processes", "pgbench ceiling", "chunkq pool", "pool / ceiling"],
+        rows,
+    )
 
     best = max((r.median(("pool", b, n)), b, n) for b in BATCHES[1:] for n in plan.processes)
     versions = peers.peer_versions() if with_peers else {}
     drained: list[tuple[str, tuple[object, ...]]] = [
-        (f"chunkq pool, batches of {b}, {processes(n)}", ("pool", b, n)) for b in BATCHES for n in plan.processes]
+        (f"chunkq pool, batches of {b}, {processes(n)}", ("pool", b, n)) for b in BATCHES for n in plan.processes
+    ]
     if with_peers:
-        drained += [(f"pgqueuer {versions['pgqueuer']}, batches of {b}, {processes(peers.PROCESSES)}", ("pgqueuer", b))
-                    for b in PGQUEUER_BATCHES]
-        drained += [(f"procrastinate {versions['procrastinate']}, {processes(peers.PROCESSES)}"
-                     f" × concurrency {peers.CONCURRENCY}", ("procrastinate",))]
+        drained += [
+            (f"pgqueuer {versions['pgqueuer']}, batches of {b}, {processes(peers.PROCESSES)}", ("pgqueuer", b))
+            for b in PGQUEUER_BATCHES
+        ]
+        drained += [
+            (
+                f"procrastinate {versions['procrastinate']}, {processes(peers.PROCESSES)}"
+                f" × concurrency {peers.CONCURRENCY}",
+                ("procrastinate",),
+            )
+        ]
 
     def cpu(kind: str, key: tuple[object, ...]) -> str:
         return f"{r[(kind, *key)]:.3f}" if (kind, *key) in r else "n/a"
 
-    table(f"Drains: {plan.chunks:,} no-op jobs (chunks) per run; CPU per job from the enqueue to the empty queue",
-          ["system", "jobs/s", "best batched chunkq / this", "worker CPU ms/job", "Postgres CPU ms/job"],
-          [[name, f"{r[key]}", f"{best[0] / r.median(key):.2f}", cpu("cpu worker", key), cpu("cpu postgres", key)]
-           for name, key in drained])
+    table(
+        f"Drains: {plan.chunks:,} no-op jobs (chunks) per run; CPU per job from the enqueue to the empty queue",
+        ["system", "jobs/s", "best batched chunkq / this", "worker CPU ms/job", "Postgres CPU ms/job"],
+        [
+            [name, f"{r[key]}", f"{best[0] / r.median(key):.2f}", cpu("cpu worker", key), cpu("cpu postgres", key)]
+            for name, key in drained
+        ],
+    )
 
     systems = ["chunkq", *(peers.PEERS if with_peers else ())]
-    table("Enqueue: chunks (jobs) created per second, bulk",
-          ["chunks per job", *systems],
-          [[f"{n:,}", *(f"{r[('enqueue', s, n)]}" for s in systems)] for n in plan.enqueue])
+    table(
+        "Enqueue: chunks (jobs) created per second, bulk",
+        ["chunks per job", *systems],
+        [[f"{n:,}", *(f"{r[('enqueue', s, n)]}" for s in systems)] for n in plan.enqueue],
+    )
 
-    table("Scale", ["measurement", "value"], [
-        *([f"claim latency at {n:,} rows, p50 / p99 (ms)",
-           f"{r.median(('claim p50', n)):.2f} / {r.median(('claim p99', n)):.2f}"] for n in plan.rows),
-        *([f"job_progress of a {plan.progress_chunks:,}-chunk job at {f:.0%} (ms, median)",
-           f"{r.median(('progress', f)):.3f}"] for f in (0.0, 0.5, 0.99)),
-        ["completions/s, 4 processes on one job", f"{r[('contention', 'one job')]}"],
-        ["completions/s, 4 processes on 4 jobs", f"{r[('contention', '4 jobs')]}"],
-    ])
-    table("Memory: peak resident set during the pool runs", ["process", "MB"], [
-        ["supervisor", f"{r[('supervisor MB',)]:.1f}"], ["worker (largest)", f"{r[('worker MB',)]:.1f}"]])
+    table(
+        "Scale",
+        ["measurement", "value"],
+        [
+            *(
+                [
+                    f"claim latency at {n:,} rows, p50 / p99 (ms)",
+                    f"{r.median(('claim p50', n)):.2f} / {r.median(('claim p99', n)):.2f}",
+                ]
+                for n in plan.rows
+            ),
+            *(
+                [
+                    f"job_progress of a {plan.progress_chunks:,}-chunk job at {f:.0%} (ms, median)",
+                    f"{r.median(('progress', f)):.3f}",
+                ]
+                for f in (0.0, 0.5, 0.99)
+            ),
+            ["completions/s, 4 processes on one job", f"{r[('contention', 'one job')]}"],
+            ["completions/s, 4 processes on 4 jobs", f"{r[('contention', '4 jobs')]}"],
+        ],
+    )
+    table(
+        "Memory: peak resident set during the pool runs",
+        ["process", "MB"],
+        [["supervisor", f"{r[('supervisor MB',)]:.1f}"], ["worker (largest)", f"{r[('worker MB',)]:.1f}"]],
+    )
 
     targets: list[tuple[str, float, str, Callable[[float], bool]]] = []
     if 4 in plan.clients and 4 in plan.processes:
-        targets.append(("single-chunk pool at 4 processes / pgbench two-transaction ceiling at 4 clients",
-                        r.median(("pool", 1, 4)) / r.median(("ceiling", 1, 4)), "≥ 1.0", lambda x: x >= 1.0))
+        targets.append(
+            (
+                "single-chunk pool at 4 processes / pgbench two-transaction ceiling at 4 clients",
+                r.median(("pool", 1, 4)) / r.median(("ceiling", 1, 4)),
+                "≥ 1.0",
+                lambda x: x >= 1.0,
+            )
+        )
     if with_peers:
         pgqueuer = max(r.median(("pgqueuer", b)) for b in PGQUEUER_BATCHES)
-        targets.append((f"batched pool (best: batches of {best[1]}, {processes(best[2])}) / PGQueuer (best)",
-                        best[0] / pgqueuer, "≥ 2.0", lambda x: x >= 2.0))
+        targets.append(
+            (
+                f"batched pool (best: batches of {best[1]}, {processes(best[2])}) / PGQueuer (best)",
+                best[0] / pgqueuer,
+                "≥ 2.0",
+                lambda x: x >= 2.0,
+            )
+        )
     low, high = min(plan.rows), max(plan.rows)
     targets += [
-        (f"claim p50 at {high:,} rows / at {low:,} rows",
-         r.median(("claim p50", high)) / r.median(("claim p50", low)), "≤ 1.5", lambda x: x <= 1.5),
-        (f"slowest job_progress of a {plan.progress_chunks:,}-chunk job (ms)",
-         max(r.median(("progress", f)) for f in (0.0, 0.5, 0.99)), "< 10", lambda x: x < 10),
-        (f"create_chunks, {max(plan.enqueue):,}-chunk job (chunks/s)",
-         r.median(("enqueue", "chunkq", max(plan.enqueue))), "≥ 100,000", lambda x: x >= 100_000),
+        (
+            f"claim p50 at {high:,} rows / at {low:,} rows",
+            r.median(("claim p50", high)) / r.median(("claim p50", low)),
+            "≤ 1.5",
+            lambda x: x <= 1.5,
+        ),
+        (
+            f"slowest job_progress of a {plan.progress_chunks:,}-chunk job (ms)",
+            max(r.median(("progress", f)) for f in (0.0, 0.5, 0.99)),
+            "< 10",
+            lambda x: x < 10,
+        ),
+        (
+            f"create_chunks, {max(plan.enqueue):,}-chunk job (chunks/s)",
+            r.median(("enqueue", "chunkq", max(plan.enqueue))),
+            "≥ 100,000",
+            lambda x: x >= 100_000,
+        ),
         ("worker resident memory (MB)", r[("worker MB",)].high, "< 60", lambda x: x < 60),
     ]
-    table("Targets", ["target", "measured", "goal", "met"],
-          [[name, f"{value:,.0f}" if value >= 1000 else f"{value:.2f}", goal, "met" if ok(value) else "**missed**"]
-           for name, value, goal, ok in targets])
+    table(
+        "Targets",
+        ["target", "measured", "goal", "met"],
+        [
+            [name, f"{value:,.0f}" if value >= 1000 else f"{value:.2f}", goal, "met" if ok(value) else "**missed**"]
+            for name, value, goal, ok in targets
+        ],
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="chunkq's benchmark against its ceiling and its peers")
-    parser.add_argument("--dsn", default=os.environ.get("CHUNKQ_DSN"),
-                        help="admin DSN of the server (default: $CHUNKQ_DSN, else an embedded PostgreSQL)")
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("CHUNKQ_DSN"),
+        help="admin DSN of the server (default: $CHUNKQ_DSN, else an embedded PostgreSQL)",
+    )
     parser.add_argument("--quick", action="store_true", help="everything small and once: a smoke test")
     parser.add_argument("--repeats", type=int, help="repeats of each throughput measurement (default 3)")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave PGQueuer and procrastinate out")

@@ -19,7 +19,9 @@ CREATE TABLE bare_queue (id bigserial PRIMARY KEY, status text NOT NULL DEFAULT 
 CREATE INDEX bare_queue_pending ON bare_queue (id) WHERE status = 'pending';
 """
 SCRIPT = """\
-UPDATE bare_queue SET status = 'processing', worker = 'pgbench', claimed_at = now() WHERE id = (SELECT id FROM bare_queue WHERE status = 'pending' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id \\gset
+UPDATE bare_queue SET status = 'processing', worker = 'pgbench', claimed_at = now() \
+ WHERE id = (SELECT id FROM bare_queue WHERE status = 'pending' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+ RETURNING id \\gset
 UPDATE bare_queue SET status = 'completed', done_at = now() WHERE id = :id;
 """
 
@@ -35,8 +37,9 @@ def main() -> None:
             rates = []
             for _ in range(args.repeats):
                 conn.execute("TRUNCATE bare_queue")
-                conn.execute("INSERT INTO bare_queue (status) SELECT 'pending' FROM generate_series(1, %s)",
-                             (args.rows,))
+                conn.execute(
+                    "INSERT INTO bare_queue (status) SELECT 'pending' FROM generate_series(1, %s)", (args.rows,)
+                )
                 conn.execute("VACUUM ANALYZE bare_queue")
                 rates.append(pgbench(dsn, SCRIPT, clients, args.rows // 2))
             print(f"{clients} clients: {Summary.of(rates)} claim+complete pairs/s", flush=True)

@@ -20,7 +20,7 @@ import time
 
 import psycopg
 
-from bench.common import bench_database, new_job, one, parser, pgbench, server_line
+from bench.common import bench_database, new_job, parser, pgbench, server_line
 from chunkq.embedded import embedded_server
 
 SCRIPT = """\
@@ -73,20 +73,29 @@ def measure(admin_dsn: str, name: str, statements: list[str], cycles: int, clien
         elapsed = time.monotonic() - started
         conn.execute("SELECT pg_stat_force_next_flush()") if conn.info.server_version >= 150000 else None
         time.sleep(1)
-        print(f"\n{name}: {cycles:,} cycles in {elapsed:,.0f} s ({rate:,.0f}/s); {'; '.join(statements) or 'no storage parameters'}")
-        print(f"  {'table':<17} {'heap MB':>8} {'indexes MB':>10} {'live':>10} {'dead':>9} {'peak dead':>10}"
-              f" {'autovacuums':>11} {'HOT %':>6}")
+        print(
+            f"\n{name}: {cycles:,} cycles in {elapsed:,.0f} s ({rate:,.0f}/s); "
+            f"{'; '.join(statements) or 'no storage parameters'}"
+        )
+        print(
+            f"  {'table':<17} {'heap MB':>8} {'indexes MB':>10} {'live':>10} {'dead':>9} {'peak dead':>10}"
+            f" {'autovacuums':>11} {'HOT %':>6}"
+        )
         for relname, heap, indexes, live, dead, autovacuums, hot, updates in conn.execute(STATS):
-            print(f"  {relname:<17} {heap / 2**20:>8.1f} {indexes / 2**20:>10.1f} {live:>10,} {dead:>9,}"
-                  f" {peak[relname]:>10,} {autovacuums:>11} {100 * hot / max(updates, 1):>6.1f}")
+            print(
+                f"  {relname:<17} {heap / 2**20:>8.1f} {indexes / 2**20:>10.1f} {live:>10,} {dead:>9,}"
+                f" {peak[relname]:>10,} {autovacuums:>11} {100 * hot / max(updates, 1):>6.1f}"
+            )
         for index, size in conn.execute(
-                "SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes"
-                " WHERE relname = 'job_chunks' ORDER BY 1"):
+            "SELECT indexrelname, pg_relation_size(indexrelid) FROM pg_stat_user_indexes"
+            " WHERE relname = 'job_chunks' ORDER BY 1"
+        ):
             print(f"    {index:<34} {size / 2**20:>8.1f} MB")
         for relname, options in conn.execute(
-                "SELECT relname, coalesce(array_to_string(reloptions, ', '), 'none') FROM pg_class"
-                " WHERE relnamespace = 'chunkq'::regnamespace AND relname IN ('job_chunks', 'job_chunk_counts')"
-                " ORDER BY 1"):
+            "SELECT relname, coalesce(array_to_string(reloptions, ', '), 'none') FROM pg_class"
+            " WHERE relnamespace = 'chunkq'::regnamespace AND relname IN ('job_chunks', 'job_chunk_counts')"
+            " ORDER BY 1"
+        ):
             print(f"  storage parameters of {relname}: {options}")
 
 

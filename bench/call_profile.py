@@ -67,8 +67,11 @@ def main() -> None:
     for batch in BATCHES:
         print(f"\n{batch} chunk{'s' if batch > 1 else ''} per call, us per chunk (median, min-max of {args.repeats})")
         print("| function | total | self |\n|---|---:|---:|")
-        rows = [(name, Summary.of([t for t, _ in times]), Summary.of([s for _, s in times]))
-                for (b, name), times in samples.items() if b == batch]
+        rows = [
+            (name, Summary.of([t for t, _ in times]), Summary.of([s for _, s in times]))
+            for (b, name), times in samples.items()
+            if b == batch
+        ]
         for name, total, own in sorted(rows, key=lambda row: -row[1].median):
             print(f"| {name} | {total:,.0f} | {'' if name == '(backend CPU)' else format(own, ',.0f')} |")
 

@@ -13,9 +13,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -28,8 +28,11 @@ from chunkq.testing import TemplateDatabases
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dsn", default=os.environ.get("CHUNKQ_DSN"),
-                   help="admin DSN of the server to use (default: $CHUNKQ_DSN, else an embedded Postgres)")
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get("CHUNKQ_DSN"),
+        help="admin DSN of the server to use (default: $CHUNKQ_DSN, else an embedded Postgres)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     return p
 
@@ -49,8 +52,9 @@ def bench_database(admin_dsn: str | None, checkout: Path | None = None) -> Itera
         if checkout is None:
             chunkq.migrate(dsn)
         else:
-            subprocess.run([sys.executable, "-c", "import sys, chunkq; chunkq.migrate(sys.argv[1])", dsn],
-                           cwd=checkout, check=True)
+            subprocess.run(
+                [sys.executable, "-c", "import sys, chunkq; chunkq.migrate(sys.argv[1])", dsn], cwd=checkout, check=True
+            )
         try:
             yield dsn
         finally:
@@ -74,8 +78,9 @@ def new_job(conn: psycopg.Connection[Any], chunks: int, chunk_size: int, *, spli
     """A job of ``chunks`` chunks of ``chunk_size`` images, through the client API; split into its
     chunks unless ``split`` is false (then ``JobChunkRepository.create_for_job`` does it later). Its id."""
     allow_chunks_per_job(conn, chunks)
-    job = CrawlJobRepository(conn).create(project_id=1, name="bench", max_images=chunks * chunk_size,
-                                          chunk_size=chunk_size)
+    job = CrawlJobRepository(conn).create(
+        project_id=1, name="bench", max_images=chunks * chunk_size, chunk_size=chunk_size
+    )
     if split:
         JobChunkRepository(conn).create_for_job(job.id)
     return job.id
@@ -89,8 +94,10 @@ def vacuum_queue(conn: psycopg.Connection[Any]) -> None:
 
 def server_line(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
-        version, fsync, sync = one(conn, "SELECT current_setting('server_version'), current_setting('fsync'),"
-                                         " current_setting('synchronous_commit')")
+        version, fsync, sync = one(
+            conn,
+            "SELECT current_setting('server_version'), current_setting('fsync'), current_setting('synchronous_commit')",
+        )
     return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}, {os.cpu_count()} CPUs"
 
 
@@ -118,8 +125,9 @@ def pgbench(dsn: str, script: str, clients: int, transactions: int) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as file:
         file.write(script)
         file.flush()
-        done = subprocess.run([*command, "-f", file.name, str(params["dbname"])],
-                              capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            [*command, "-f", file.name, str(params["dbname"])], capture_output=True, text=True, env=env
+        )
     if done.returncode != 0 or "tps = " not in done.stdout:
         raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-500:]}")
     return float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
@@ -137,7 +145,7 @@ def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         seconds[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
     return seconds
 
@@ -166,8 +174,9 @@ def wait_for_connections(conn: psycopg.Connection[Any], at_least: int, timeout: 
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        count = one(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                          " AND pid <> pg_backend_pid()")[0]
+        count = one(
+            conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )[0]
         if count != last:
             last, since = count, time.monotonic()
         elif count >= at_least and time.monotonic() - since >= 1.0:
@@ -201,8 +210,10 @@ class CpuMeter:
         self.before = self._read()
 
     def stop(self, rate: float, jobs: int) -> Drain:
-        worker, server = (sum(now - then.get(pid, 0.0) for pid, now in after.items())
-                          for after, then in zip(self._read(), self.before))
+        worker, server = (
+            sum(now - then.get(pid, 0.0) for pid, now in after.items())
+            for after, then in zip(self._read(), self.before, strict=True)
+        )
         return Drain(rate, worker / jobs * 1000, server / jobs * 1000 if self.local_server else None)
 
 

@@ -48,8 +48,10 @@ def prepare(conn: psycopg.Connection, jobs: int, chunks: int) -> list[list[tuple
 
 
 def set_counter_rows(conn: psycopg.Connection, rows: int) -> None:
-    conn.execute(f"CREATE OR REPLACE FUNCTION chunkq._counter_slots() RETURNS integer"
-                 f" LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {rows}'")
+    conn.execute(
+        f"CREATE OR REPLACE FUNCTION chunkq._counter_slots() RETURNS integer"
+        f" LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {rows}'"
+    )
 
 
 def run(dsn: str, work: list[list[tuple[int, int, Any]]]) -> float:
@@ -85,8 +87,11 @@ def main() -> None:
             set_counter_rows(conn, 16)
     print(f"{n} processes completing {args.chunks} chunks, {args.repeats} runs each:")
     for case, values in rates.items():
-        print(f"  {case:>22}: median {statistics.median(values):,.0f} completions/s "
-              f"(min {min(values):,.0f}, max {max(values):,.0f})")
+        print(
+            f"  {case:>22}: median {statistics.median(values):,.0f} completions/s "
+            f"(min {min(values):,.0f}, max {max(values):,.0f})"
+        )
+
     def ratio(a: str, b: str) -> float:
         return statistics.median(rates[a]) / statistics.median(rates[b])
 

@@ -33,12 +33,18 @@ CASES = ((1, False), (100, False), (1, True), (100, True))
 
 def add_calls_option(p: argparse.ArgumentParser) -> None:
     """--calls, shared with bench.call_profile: how many calls of one chunk (see calls_of)."""
+
     def at_least_100(text: str) -> int:
         if int(text) < 100:
             raise argparse.ArgumentTypeError("at least 100: the calls of 100 chunks number calls // 100 * 10")
         return int(text)
-    p.add_argument("--calls", type=at_least_100, default=2000,
-                   help="calls of one chunk; the case of 100 chunks per call makes a tenth as many calls (at least 100)")
+
+    p.add_argument(
+        "--calls",
+        type=at_least_100,
+        default=2000,
+        help="calls of one chunk; the case of 100 chunks per call makes a tenth as many calls (at least 100)",
+    )
 
 
 def calls_of(batch: int, calls: int) -> int:
@@ -53,15 +59,29 @@ def worker_calls(conn: psycopg.Connection, batch: int, calls: int, analyze: bool
     job_id = new_job(conn, batch * (calls + 1), chunk_size=1)
     if analyze:
         conn.execute("ANALYZE chunkq.job_chunks")
-    tokens = one(conn, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'chunkq.job_chunks'::regclass"
-                       " AND attname = 'lease_token'")[0] == 1  # since 0008
-    sql = ("SELECT id, attempt" + (", lease_token" if tokens else "") + " FROM chunkq.complete_and_claim("
-           "%(ids)s::bigint[], %(attempts)s::integer[], 'bench', %(limit)s::integer, %(job)s::bigint, NULL"
-           + (", %(tokens)s::uuid[]" if tokens else "") + ")")
+    tokens = (
+        one(
+            conn,
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'chunkq.job_chunks'::regclass"
+            " AND attname = 'lease_token'",
+        )[0]
+        == 1
+    )  # since 0008
+    sql = (
+        "SELECT id, attempt" + (", lease_token" if tokens else "") + " FROM chunkq.complete_and_claim("
+        "%(ids)s::bigint[], %(attempts)s::integer[], 'bench', %(limit)s::integer, %(job)s::bigint, NULL"
+        + (", %(tokens)s::uuid[]" if tokens else "")
+        + ")"
+    )
 
     def complete_and_claim(held: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        params = {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "limit": batch, "job": job_id,
-                  "tokens": [h[-1] for h in held]}
+        params = {
+            "ids": [h[0] for h in held],
+            "attempts": [h[1] for h in held],
+            "limit": batch,
+            "job": job_id,
+            "tokens": [h[-1] for h in held],
+        }
         return conn.execute(sql, params).fetchall()
 
     held = complete_and_claim([])
@@ -70,6 +90,7 @@ def worker_calls(conn: psycopg.Connection, batch: int, calls: int, analyze: bool
         nonlocal held
         for _ in range(calls):
             held = complete_and_claim(held)
+
     return make_calls
 
 
@@ -99,13 +120,16 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, dsn in schemas.items():
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("TRUNCATE chunkq.crawl_jobs, chunkq.job_chunks, chunkq.job_chunk_counts,"
-                                 " chunkq.chunk_errors")
+                    conn.execute(
+                        "TRUNCATE chunkq.crawl_jobs, chunkq.job_chunks, chunkq.job_chunk_counts, chunkq.chunk_errors"
+                    )
                     for batch, analyze in CASES:
                         value = cpu_per_chunk(conn, batch, calls_of(batch, args.calls), analyze)
                         samples.setdefault((name, batch, analyze), []).append(value)
-                        print(f"    {name} batch {batch}{' analyzed' if analyze else ''}: {value:.0f} us/chunk",
-                              flush=True)
+                        print(
+                            f"    {name} batch {batch}{' analyzed' if analyze else ''}: {value:.0f} us/chunk",
+                            flush=True,
+                        )
     print(f"\n| chunks per call | table | newest schema, us/chunk | {before_last}, us/chunk | newest / older |")
     print("|---|---|---:|---:|---:|")
     for batch, analyze in CASES:

@@ -68,11 +68,25 @@ DSN_ENV = "PEERS_BENCH_DSN"
 WORKER_COMMANDS: dict[str, list[str]] = {
     # pgqueuer.run is `pgq run` without the CLI, which fails at start-up under typer 0.29
     # (its --log-level parser); uvloop is the loop `pgq run` picks.
-    "pgqueuer": [sys.executable, "-c", "import uvloop, pgqueuer, bench.peers as p; uvloop.run(pgqueuer.run("
-                 "p.pgqueuer_manager, batch_size=p.PGQUEUER_BATCH, max_concurrent_tasks=2 * p.PGQUEUER_BATCH))"],
+    "pgqueuer": [
+        sys.executable,
+        "-c",
+        "import uvloop, pgqueuer, bench.peers as p; uvloop.run(pgqueuer.run("
+        "p.pgqueuer_manager, batch_size=p.PGQUEUER_BATCH, max_concurrent_tasks=2 * p.PGQUEUER_BATCH))",
+    ],
     # Its CLI logs two INFO lines a job by default: that would measure logging, not the queue.
-    "procrastinate": [sys.executable, "-m", "procrastinate", "--app", "bench.peers.procrastinate_app",
-                      "--log-level", "warning", "worker", "--concurrency", str(CONCURRENCY)],
+    "procrastinate": [
+        sys.executable,
+        "-m",
+        "procrastinate",
+        "--app",
+        "bench.peers.procrastinate_app",
+        "--log-level",
+        "warning",
+        "worker",
+        "--concurrency",
+        str(CONCURRENCY),
+    ],
 }
 #: Jobs not yet done. PGQueuer deletes a job when it is done (its log keeps the record).
 REMAINING = {
@@ -104,13 +118,19 @@ def peer_versions() -> dict[str, str]:
 def drain_rate(peer: str, admin_dsn: str, jobs: int, batch: int | None = None) -> Drain:
     """PROCESSES worker processes emptying a queue of ``jobs`` no-op jobs: jobs/s and CPU per job;
     ``batch`` is PGQueuer's batch size (default PGQUEUER_BATCH)."""
-    with fresh_database(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn, \
-            tempfile.TemporaryFile() as log:
+    with (
+        fresh_database(admin_dsn) as dsn,
+        psycopg.connect(dsn, autocommit=True) as conn,
+        tempfile.TemporaryFile() as log,
+    ):
         asyncio.run(INSTALL[peer](dsn))
         env = {**os.environ, DSN_ENV: dsn, "PEERS_PGQUEUER_BATCH": str(batch or PGQUEUER_BATCH)}
-        workers = [subprocess.Popen(WORKER_COMMANDS[peer], cwd=ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                   for _ in range(PROCESSES)]
+        workers = [
+            subprocess.Popen(
+                WORKER_COMMANDS[peer], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            for _ in range(PROCESSES)
+        ]
         meter = CpuMeter(conn, lambda: [w.pid for w in workers])
         try:
             wait_for_connections(conn, PROCESSES)
@@ -211,12 +231,17 @@ async def enqueue_procrastinate(dsn: str, jobs: int) -> float:
 
 
 INSTALL: dict[str, Callable[[str], Coroutine[Any, Any, None]]] = {
-    "pgqueuer": install_pgqueuer, "procrastinate": install_procrastinate}
+    "pgqueuer": install_pgqueuer,
+    "procrastinate": install_procrastinate,
+}
 ENQUEUE: dict[str, Callable[[str, int], Coroutine[Any, Any, float]]] = {
-    "pgqueuer": enqueue_pgqueuer, "procrastinate": enqueue_procrastinate}
+    "pgqueuer": enqueue_pgqueuer,
+    "procrastinate": enqueue_procrastinate,
+}
 
 
 # What the worker processes load.
+
 
 async def pgqueuer_noop(job: Job) -> None:
     pass

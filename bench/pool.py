@@ -53,10 +53,28 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
     done = threading.Event()
     with tempfile.TemporaryFile() as log:
         pool = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--dsn", dsn, "--handler", "workers.sample:noop",
-             "--processes", str(processes), "--batch", str(batch), "--job", str(job_id),
-             "--log-level", "warning"],
-            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "--dsn",
+                dsn,
+                "--handler",
+                "workers.sample:noop",
+                "--processes",
+                str(processes),
+                "--batch",
+                str(batch),
+                "--job",
+                str(job_id),
+                "--log-level",
+                "warning",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def sample() -> None:
             while not done.wait(0.5):
@@ -75,8 +93,12 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
                     log.seek(0)
                     raise RuntimeError(f"the pool exited early:\n{log.read().decode()[-2000:]}")
                 time.sleep(0.05)
-            seconds = one(conn, "SELECT extract(epoch FROM max(finished_at) - min(claimed_at)) FROM chunkq.job_chunks"
-                                " WHERE job_id = %s", (job_id,))[0]
+            seconds = one(
+                conn,
+                "SELECT extract(epoch FROM max(finished_at) - min(claimed_at)) FROM chunkq.job_chunks"
+                " WHERE job_id = %s",
+                (job_id,),
+            )[0]
             measured = meter.stop(chunks / float(seconds), chunks)
         finally:
             done.set()

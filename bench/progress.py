@@ -48,8 +48,10 @@ def main() -> None:
             advance_to(conn, job_id, fraction, args.chunks)
             fast = median_ms(lambda: conn.execute("SELECT * FROM chunkq.job_progress(%s)", (job_id,)).fetchone(), 200)
             slow = median_ms(lambda: conn.execute(COUNT_QUERY, (job_id,)).fetchall(), max(3, args.repeats))
-            print(f"{fraction:>6.0%} | {fast[0]:>12.3f} ({fast[1]:.3f}-{fast[2]:.3f}) {'':>8}"
-                  f"| {slow[0]:>12.1f} ({slow[1]:.1f}-{slow[2]:.1f})")
+            print(
+                f"{fraction:>6.0%} | {fast[0]:>12.3f} ({fast[1]:.3f}-{fast[2]:.3f}) {'':>8}"
+                f"| {slow[0]:>12.1f} ({slow[1]:.1f}-{slow[2]:.1f})"
+            )
 
 
 if __name__ == "__main__":

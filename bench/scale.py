@@ -65,7 +65,8 @@ def progress_latency(conn: psycopg.Connection, chunks: int) -> dict[float, float
     for fraction in (0.0, 0.5, 0.99):
         advance_to(conn, job_id, fraction, chunks)
         latency[fraction] = median_ms(
-            lambda: conn.execute("SELECT * FROM chunkq.job_progress(%s)", (job_id,)).fetchone(), 200)[0]
+            lambda: conn.execute("SELECT * FROM chunkq.job_progress(%s)", (job_id,)).fetchone(), 200
+        )[0]
     CrawlJobRepository(conn).cancel(job_id)  # its last 1 % would otherwise be claimed by claim_latency
     return latency
 

@@ -46,26 +46,35 @@ def main() -> None:
     p.add_argument("--batches", default="1,100", help="chunks per claim, comma-separated (default 1,100)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     samples: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:
         admin = args.dsn or stack.enter_context(embedded_server())
         baseline = unpack(args.baseline, Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        sides = {"this checkout": (ROOT, stack.enter_context(bench_database(admin))),
-                 f"baseline {commit}": (baseline, stack.enter_context(bench_database(admin, checkout=baseline)))}
+        sides = {
+            "this checkout": (ROOT, stack.enter_context(bench_database(admin))),
+            f"baseline {commit}": (baseline, stack.enter_context(bench_database(admin, checkout=baseline))),
+        }
         print(server_line(admin))
         for _ in range(args.repeats):
             for batch in batches:
                 for side, (root, dsn) in sides.items():
                     with psycopg.connect(dsn, autocommit=True) as conn:
                         measured = drain(dsn, conn, args.processes, batch, args.chunks, root=root).drain
-                    for what, value in (("chunks/s", measured.rate), ("worker CPU ms/chunk", measured.worker_cpu_ms),
-                                        ("server CPU ms/chunk", measured.postgres_cpu_ms)):
+                    for what, value in (
+                        ("chunks/s", measured.rate),
+                        ("worker CPU ms/chunk", measured.worker_cpu_ms),
+                        ("server CPU ms/chunk", measured.postgres_cpu_ms),
+                    ):
                         if value is not None:
                             samples.setdefault((what, side, batch), []).append(value)
-                    print(f"    {side}, {args.processes} processes, batch {batch}: {measured.rate:,.0f} chunks/s,"
-                          f" worker {measured.worker_cpu_ms:.3f} ms/chunk", flush=True)
+                    print(
+                        f"    {side}, {args.processes} processes, batch {batch}: {measured.rate:,.0f} chunks/s,"
+                        f" worker {measured.worker_cpu_ms:.3f} ms/chunk",
+                        flush=True,
+                    )
     this, base = sides
     for what in ("chunks/s", "worker CPU ms/chunk", "server CPU ms/chunk"):
         if (what, this, batches[0]) not in samples:

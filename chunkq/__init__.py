@@ -20,27 +20,27 @@ from .errors import (
     SchemaNotMigrated,
     ValidationError,
 )
-from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 from .records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
     CrawlJob,
-    JobChunk,
+    ExpiredLease,
+    FailureKind,
     JobBlocker,
+    JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     JobStatus,
     LeaseState,
+    LiveWorker,
     MetricSample,
+    PruneResult,
     QueueDepth,
     QueueStats,
 )
+from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-from datetime import timedelta
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
-from uuid import UUID
 
 from .errors import ValidationError
 from .records import Lease
@@ -61,8 +60,11 @@ def lease_arrays(held: Iterable[Lease | tuple[int, int]]) -> dict[str, str | Non
         attempts.append("NULL" if lease[1] is None else str(lease[1]))
         token = lease[2] if len(lease) > 2 else None
         tokens.append("NULL" if token is None else str(token))
-    return {"chunk_ids": _array(ids), "attempts": _array(attempts),
-            "lease_tokens": _array(tokens) if any(token != "NULL" for token in tokens) else None}
+    return {
+        "chunk_ids": _array(ids),
+        "attempts": _array(attempts),
+        "lease_tokens": _array(tokens) if any(token != "NULL" for token in tokens) else None,
+    }
 
 
 def _array(items: list[str]) -> str:

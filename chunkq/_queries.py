@@ -9,20 +9,20 @@ added by a later migration does not break an older client.
 from __future__ import annotations
 
 from .records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     CrawlJob,
-    JobChunk,
+    ExpiredLease,
+    FailureKind,
     JobBlocker,
+    JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     LeaseState,
+    LiveWorker,
     MetricSample,
+    PruneResult,
     QueueDepth,
     QueueStats,
     columns,
@@ -33,7 +33,8 @@ CHUNK = columns(JobChunk)
 
 CREATE_JOB = (
     f"SELECT {JOB} FROM chunkq.create_job(%(project_id)s::bigint, %(name)s::text, %(keywords)s::jsonb,"
-    " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer)"
+    " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer,"
+    " %(id)s::bigint, %(retry_base_delay)s::interval)"
 )
 GET_JOB = f"SELECT {JOB} FROM chunkq.get_job(%(job_id)s::bigint)"
 CANCEL_JOB = f"SELECT {JOB} FROM chunkq.cancel_job(%(job_id)s::bigint)"
@@ -70,8 +71,7 @@ CREATE_CHUNKS = (
 )
 GET_CHUNK = f"SELECT {CHUNK} FROM chunkq.get_chunk(%(chunk_id)s::bigint)"
 LIST_CHUNKS = (
-    f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status,"
-    " %(limit)s::integer)"
+    f"SELECT {CHUNK} FROM chunkq.list_chunks(%(job_id)s::bigint, %(status)s::chunkq.chunk_status, %(limit)s::integer)"
 )
 FAILED_CHUNKS = f"SELECT {CHUNK} FROM chunkq.failed_chunks(%(job_id)s::bigint)"
 CHUNK_ERROR_HISTORY = f"SELECT {columns(ChunkError)} FROM chunkq.chunk_error_history(%(chunk_id)s::bigint)"

@@ -61,6 +61,7 @@ class CrawlJob:
     started_at: datetime | None
     finished_at: datetime | None
     paused_at: datetime | None
+    retry_base_delay: timedelta | None  # the job's own retry back-off; None: settings.retry_base_delay
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)
@@ -76,8 +77,26 @@ class Lease(NamedTuple):
     lease_token: UUID | None = None
 
 
+class ImageRange:
+    """What a chunk covers, for anything with ``image_start`` and ``image_end`` (both inclusive): the
+    client's JobChunk and the pool's ChunkTask alike."""
+
+    __slots__ = ()
+    image_start: int
+    image_end: int
+
+    @property
+    def image_range(self) -> dict[str, int]:
+        """The seed's shape: ``{'start': first image, 'end': last image}``, both inclusive."""
+        return {"start": self.image_start, "end": self.image_end}
+
+    @property
+    def image_count(self) -> int:
+        return self.image_end - self.image_start + 1
+
+
 @dataclass(frozen=True, slots=True)
-class JobChunk:
+class JobChunk(ImageRange):
     """A row of chunkq.job_chunks: images image_start..image_end (inclusive) of a job."""
 
     id: int
@@ -107,15 +126,6 @@ class JobChunk:
     def lease(self) -> Lease:
         """What a report on this claimed chunk presents: its id, attempt and lease token."""
         return Lease(self.id, self.attempt, self.lease_token)
-
-    @property
-    def image_range(self) -> dict[str, int]:
-        """The seed's shape: ``{'start': first image, 'end': last image}``, both inclusive."""
-        return {"start": self.image_start, "end": self.image_end}
-
-    @property
-    def image_count(self) -> int:
-        return self.image_end - self.image_start + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +177,8 @@ class JobProgress:
     is_complete: bool  # has chunks, none pending or processing
     max_images: int
     completed_images: int
+    retrying_chunks: int  # pending chunks waiting out a retry back-off
+    next_retry_at: datetime | None  # when the first of them may be claimed again
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)

@@ -11,9 +11,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
-
 from typing import Any
+from urllib.parse import urlencode
 
 from psycopg import Connection
 from psycopg.conninfo import conninfo_to_dict
@@ -27,7 +26,7 @@ from .errors import SchemaNotMigrated, ValidationError
 logger = logging.getLogger("chunkq")
 
 #: The chunkq.schema_version() this client needs (the number of the last migration).
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 def migrations_path() -> Path:

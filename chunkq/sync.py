@@ -1,6 +1,6 @@
 """The sync twin of the client, for worker processes: same classes, same methods, no ``await``.
 
-    from chunkq.sync import JobChunkingService, JobChunkRepository, CrawlJobRepository
+from chunkq.sync import JobChunkingService, JobChunkRepository, CrawlJobRepository
 """
 
 from ._sync.repositories import CrawlJobRepository, JobChunkRepository

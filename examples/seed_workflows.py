@@ -28,8 +28,9 @@ from chunkq.embedded import embedded_server
 
 async def create_job_with_chunks(service: JobChunkingService, max_images: int) -> dict:
     """Workflow 1: Create Job with Chunks."""
-    job = await service.job_repo.create(project_id=1, name="demo crawl", keywords=["cats", "kittens"],
-                                        max_images=max_images)
+    job = await service.job_repo.create(
+        project_id=1, name="demo crawl", keywords=["cats", "kittens"], max_images=max_images
+    )
     chunks = await service.create_chunks_for_job(job_id=job.id, max_images=max_images, priority=5)
     return {"job": job, "chunks": chunks, "total_chunks": len(chunks)}
 
@@ -69,9 +70,11 @@ async def monitor_job_progress(job_id: int, service: JobChunkingService, workers
     """Workflow 3: Monitor Progress (until the workers are done)."""
     while True:
         progress = await service.get_job_chunk_progress(job_id=job_id)
-        print(f"  job {job_id}: {progress['completed_chunks']:>4}/{progress['total_chunks']} completed, "
-              f"{progress['failed_chunks']:>3} failed, {progress['processing_chunks']} processing "
-              f"({progress['completion_percentage']:.1f}%)")
+        print(
+            f"  job {job_id}: {progress['completed_chunks']:>4}/{progress['total_chunks']} completed, "
+            f"{progress['failed_chunks']:>3} failed, {progress['processing_chunks']} processing "
+            f"({progress['completion_percentage']:.1f}%)"
+        )
         if progress["is_complete"] or not any(w.is_alive() for w in workers):
             return progress
         await asyncio.sleep(0.5)
@@ -100,8 +103,10 @@ async def demo(dsn: str, images: int, processes: int, failure_rate: float) -> No
         for round_no in range(1, 5):
             spawn = multiprocessing.get_context("spawn")
             results = spawn.Queue()
-            workers = [spawn.Process(target=worker_process, args=(dsn, job_id, failure_rate, results))
-                       for _ in range(processes)]
+            workers = [
+                spawn.Process(target=worker_process, args=(dsn, job_id, failure_rate, results))
+                for _ in range(processes)
+            ]
             print(f"workflow 2, round {round_no}: {processes} processes claiming chunks")
             for w in workers:
                 w.start()
@@ -117,8 +122,10 @@ async def demo(dsn: str, images: int, processes: int, failure_rate: float) -> No
         elapsed = time.perf_counter() - started
         progress = await service.get_job_chunk_progress(job_id)
         job = await service.job_repo.get_by_id(job_id)
-        print(f"done: job {job_id} {job.status}, {progress['completed_chunks']}/{progress['total_chunks']} chunks "
-              f"completed in {elapsed:.1f} s ({progress['total_chunks'] / elapsed:,.0f} chunks/s)")
+        print(
+            f"done: job {job_id} {job.status}, {progress['completed_chunks']}/{progress['total_chunks']} chunks "
+            f"completed in {elapsed:.1f} s ({progress['total_chunks'] / elapsed:,.0f} chunks/s)"
+        )
 
 
 def main() -> None:

@@ -9,21 +9,25 @@
 -- Creating roles needs CREATEROLE (or superuser) for the role that migrates.
 -- depends: 0004.dba-operations
 
+-- Roles are cluster-wide: a second database on the same cluster finds them made by
+-- the first, and its owner need not be allowed to create or comment on roles. So
+-- each role is created, and commented, only where it is missing (chunkq.migrate
+-- checks the privileges this needs before it applies anything).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'chunkq_reader') THEN
         CREATE ROLE chunkq_reader NOLOGIN;
+        COMMENT ON ROLE chunkq_reader IS 'chunkq: may read the queue''s views and read-only functions, nothing else.';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'chunkq_worker') THEN
         CREATE ROLE chunkq_worker NOLOGIN;
+        COMMENT ON ROLE chunkq_worker IS 'chunkq: may claim chunks and report on the chunks it holds, nothing else.';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'chunkq_app') THEN
         CREATE ROLE chunkq_app NOLOGIN IN ROLE chunkq_reader, chunkq_worker;
+        COMMENT ON ROLE chunkq_app IS 'chunkq: chunkq_reader and chunkq_worker, plus creating and managing jobs.';
     END IF;
 END $$;
-COMMENT ON ROLE chunkq_reader IS 'chunkq: may read the queue''s views and read-only functions, nothing else.';
-COMMENT ON ROLE chunkq_worker IS 'chunkq: may claim chunks and report on the chunks it holds, nothing else.';
-COMMENT ON ROLE chunkq_app IS 'chunkq: chunkq_reader and chunkq_worker, plus creating and managing jobs.';
 
 
 -- Who may skip the fencing check (a NULL attempt: an operator completing or failing

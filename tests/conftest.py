@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,7 +26,7 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[TestServer]:
         yield server
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     if SERVER_KEY in config.stash:
         terminalreporter.write_line(f"chunkq tests ran on {config.stash[SERVER_KEY]}")
 
@@ -72,7 +73,7 @@ async def aconn(dsn: str) -> AsyncIterator[psycopg.AsyncConnection]:
 
 @pytest.fixture
 def start_pool(dsn: str, tmp_path: Path) -> Iterator[Callable[..., Pool]]:
-    """Starts ``python -m workers`` on the test database; every pool is killed at the end of the test."""
+    """Starts ``python -m chunkq.workers`` on the test database; every pool is killed at the end of the test."""
     pools: list[Pool] = []
 
     def start(*args: str, env: dict[str, str] | None = None, on: str | None = None) -> Pool:

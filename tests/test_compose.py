@@ -23,8 +23,7 @@ def compose_command() -> list[str]:
 
 
 def config(*args: str) -> str:
-    result = subprocess.run([*compose_command(), *args, "config"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([*compose_command(), *args, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

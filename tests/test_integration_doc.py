@@ -37,7 +37,10 @@ def test_fastapi_routes(dsn, conn, tmp_path, monkeypatch):
         assert created.status_code == 200, created.text
         chunks = created.json()["chunks"]
         assert [(c["image_start"], c["image_end"], c["status"]) for c in chunks] == [
-            (0, 499, "pending"), (500, 999, "pending"), (1000, 1499, "pending")]
+            (0, 499, "pending"),
+            (500, 999, "pending"),
+            (1000, 1499, "pending"),
+        ]
         progress_ = client.get(f"/jobs/{job_id}/chunks/progress").json()
         assert (progress_["total_chunks"], progress_["pending_chunks"], progress_["is_complete"]) == (3, 3, False)
         again = client.post(f"/jobs/{job_id}/chunks", params={"max_images": 1500})
@@ -55,10 +58,12 @@ def test_handler_runs_under_the_pool(dsn, conn, tmp_path, start_pool):
     job_id = new_job(conn, 1500)
     empty = conn.execute("SELECT id FROM chunkq.create_job(1, 'no keywords', '[]', 500)").fetchone()[0]
     conn.execute("SELECT chunkq.create_chunks(%s)", (empty,))
-    pool = start_pool("--handler", "myapp.crawl:crawl_chunk", "--processes", "1",
-                      env={"PYTHONPATH": str(tmp_path)})
-    wait_until(lambda: progress(dsn, job_id) == {"completed": 3} and progress(dsn, empty) == {"failed": 1},
-               30, "the jobs to finish")
+    pool = start_pool("--handler", "myapp.crawl:crawl_chunk", "--processes", "1", env={"PYTHONPATH": str(tmp_path)})
+    wait_until(
+        lambda: progress(dsn, job_id) == {"completed": 3} and progress(dsn, empty) == {"failed": 1},
+        30,
+        "the jobs to finish",
+    )
     assert pool.stop() == 0
     error = conn.execute("SELECT error FROM chunkq.chunk_errors WHERE job_id = %s", (empty,)).fetchone()[0]
     assert error.startswith("DoNotRetry: job has no keywords")

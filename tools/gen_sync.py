@@ -10,6 +10,7 @@ test (tests/client/test_sync_generated.py) fails when the two drift apart.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,16 +39,37 @@ def generated() -> dict[str, str]:
             shutil.copy(ASYNC_DIR / name, src / name)
         rule = unasync.Rule("/_async/", "/_sync/", additional_replacements=REPLACEMENTS)
         unasync.unasync_files([str(src / name) for name in SOURCES], rules=[rule])
-        return {name: HEADER.format(name=name) + (Path(tmp) / "_sync" / name).read_text() for name in SOURCES}
+        return {
+            name: formatted(name, HEADER.format(name=name) + (Path(tmp) / "_sync" / name).read_text())
+            for name in SOURCES
+        }
+
+
+def formatted(name: str, source: str) -> str:
+    """The module as ruff leaves it (imports sorted, then formatted), like every other file here."""
+    path = str(SYNC_DIR / name)
+    for command in (["check", "--fix", "--quiet", "--exit-zero"], ["format", "--quiet"]):
+        source = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "--stdin-filename", path, "-"],
+            input=source,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+    return source
 
 
 def main(argv: list[str]) -> int:
     expected = generated()
-    stale = [name for name, text in expected.items()
-             if not (SYNC_DIR / name).exists() or (SYNC_DIR / name).read_text() != text]
+    stale = [
+        name
+        for name, text in expected.items()
+        if not (SYNC_DIR / name).exists() or (SYNC_DIR / name).read_text() != text
+    ]
     if "--check" in argv:
         for name in stale:
-            print(f"chunkq/_sync/{name} is out of date: run python tools/gen_sync.py", file=sys.stderr)
+            print(f"chunkq/_sync/{name} is out of date: run ./dev gen", file=sys.stderr)
         return 1 if stale else 0
     for name in stale:
         (SYNC_DIR / name).write_text(expected[name])

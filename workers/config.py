@@ -12,7 +12,6 @@ from psycopg.conninfo import conninfo_to_dict
 
 from chunkq.errors import one_line
 
-
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -81,28 +80,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PoolConfig(dsn="", handler="")
     parser.add_argument("--dsn", help="database to work on (default: $CHUNKQ_DSN, then $DATABASE_URL)")
     parser.add_argument("--handler", required=True, help="the function to run per chunk, package.module:function")
-    parser.add_argument("--processes", type=int, default=defaults.processes,
-                        help="worker processes (default: one per CPU, %(default)s here)")
-    parser.add_argument("--lease", type=float, default=defaults.lease,
-                        help="seconds a claim lasts without a heartbeat (default %(default)s)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=defaults.processes,
+        help="worker processes (default: one per CPU, %(default)s here)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=defaults.lease,
+        help="seconds a claim lasts without a heartbeat (default %(default)s)",
+    )
     parser.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default: a quarter of --lease)")
-    parser.add_argument("--poll", type=float, default=defaults.poll,
-                        help="seconds an idle worker waits before looking again (default %(default)s)")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=defaults.poll,
+        help="seconds an idle worker waits before looking again (default %(default)s)",
+    )
     parser.add_argument("--batch", type=int, default=defaults.batch, help="chunks claimed at a time (default 1)")
     parser.add_argument("--job", type=int, dest="job_id", help="only work on this job's chunks")
     parser.add_argument("--max-retries", type=int, help="retries per chunk, overriding each job's max_retries")
-    parser.add_argument("--grace", type=float, default=defaults.grace,
-                        help="seconds running chunks get to finish after SIGTERM (default %(default)s)")
-    parser.add_argument("--no-listen", dest="listen", action="store_false",
-                        help="poll only, no LISTEN/NOTIFY (for PgBouncer in transaction pooling mode)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace,
+        help="seconds running chunks get to finish after SIGTERM (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-listen",
+        dest="listen",
+        action="store_false",
+        help="poll only, no LISTEN/NOTIFY (for PgBouncer in transaction pooling mode)",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines (default text)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                        help="info (default) logs every chunk's outcome; warning only retries, failures and trouble")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="info (default) logs every chunk's outcome; warning only retries, failures and trouble",
+    )
     parser.add_argument("--name", default=defaults.name, help="worker ids are NAME:pid (default: the host name)")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve the pool's Prometheus metrics on this port (needs chunkq[metrics])")
-    parser.add_argument("--metrics-host", default=defaults.metrics_host,
-                        help="address for --metrics-port (default %(default)s; 0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the pool's Prometheus metrics on this port (needs chunkq[metrics])",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=defaults.metrics_host,
+        help="address for --metrics-port (default %(default)s; 0.0.0.0 for every interface)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> PoolConfig:

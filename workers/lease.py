@@ -79,9 +79,16 @@ class Holdings:
 
 
 class LeaseKeeper(threading.Thread):
-    def __init__(self, session: Session, holdings: Holdings, heartbeat: float, lease: float,
-                 stop_deadline: Callable[[], float | None], past_deadline: Callable[[], None],
-                 orphaned: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        holdings: Holdings,
+        heartbeat: float,
+        lease: float,
+        stop_deadline: Callable[[], float | None],
+        past_deadline: Callable[[], None],
+        orphaned: Callable[[], None],
+    ) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.session, self.holdings = session, holdings
         self.heartbeat, self.lease = heartbeat, lease

@@ -1,9 +1,9 @@
 """Sample handlers for the demo and the benchmarks. No network: a crawl is simulated.
 
-- ``workers.sample:crawl`` sleeps for each image (CHUNKQ_SAMPLE_SECONDS_PER_IMAGE,
+- ``chunkq.workers.sample:crawl`` sleeps for each image (CHUNKQ_SAMPLE_SECONDS_PER_IMAGE,
   default 0.0001 s, with ±50 % jitter) and fails at random
   (CHUNKQ_SAMPLE_FAILURE_RATE, default 0.02) like a flaky image host.
-- ``workers.sample:noop`` does nothing: for measuring the queue itself.
+- ``chunkq.workers.sample:noop`` does nothing: for measuring the queue itself.
 """
 
 from __future__ import annotations

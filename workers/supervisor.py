@@ -115,13 +115,23 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        logs.event("pool starting", processes=self.config.processes, handler=self.config.handler,
-                   lease_s=self.config.lease, batch=self.config.batch, listen=self.config.listen)
+        logs.event(
+            "pool starting",
+            processes=self.config.processes,
+            handler=self.config.handler,
+            lease_s=self.config.lease,
+            batch=self.config.batch,
+            listen=self.config.listen,
+        )
         try:
             metrics.serve(self.config, processes=lambda: sum(s.process is not None for s in self.slots))
         except (OSError, ImportError) as exc:  # the port is taken; prometheus-client is not installed
-            logs.event("cannot serve --metrics-port (pip install 'chunkq[metrics]' for it)", level=logging.ERROR,
-                       port=self.config.metrics_port, error=one_line(exc))
+            logs.event(
+                "cannot serve --metrics-port (pip install 'chunkq[metrics]' for it)",
+                level=logging.ERROR,
+                port=self.config.metrics_port,
+                error=one_line(exc),
+            )
             return 2
         for slot in self.slots:
             self.start(slot)
@@ -179,8 +189,14 @@ class Supervisor:
             metrics.worker_restarted()
             slot.crashes = 0 if now - slot.started >= STABLE_AFTER else slot.crashes + 1
             delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** (slot.crashes - 1)) if slot.crashes else 0.0
-            logs.event("worker process died, restarting", level=logging.WARNING, slot=slot.index,
-                       pid=process.pid, exit_code=process.exitcode, restart_in_s=delay)
+            logs.event(
+                "worker process died, restarting",
+                level=logging.WARNING,
+                slot=slot.index,
+                pid=process.pid,
+                exit_code=process.exitcode,
+                restart_in_s=delay,
+            )
             slot.restart_at = now + delay
 
     def reap(self, slot: Slot) -> None:
@@ -203,8 +219,13 @@ class Supervisor:
             if process.is_alive():
                 process.terminate()  # SIGTERM
             else:  # died before the drain began: a crash already, not a worker that failed to drain
-                logs.event("worker process died", level=logging.WARNING, slot=slot.index, pid=process.pid,
-                           exit_code=process.exitcode)
+                logs.event(
+                    "worker process died",
+                    level=logging.WARNING,
+                    slot=slot.index,
+                    pid=process.pid,
+                    exit_code=process.exitcode,
+                )
                 self.reap(slot)
 
     def listen(self, timeout: float) -> None:
@@ -217,8 +238,12 @@ class Supervisor:
                 time.sleep(timeout)
                 return
             try:
-                self.listener = psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=10,
-                                                application_name=f"chunkq supervisor {self.config.name}:{os.getpid()}")
+                self.listener = psycopg.connect(
+                    self.config.dsn,
+                    autocommit=True,
+                    connect_timeout=10,
+                    application_name=f"chunkq supervisor {self.config.name}:{os.getpid()}",
+                )
                 self.listener.execute("LISTEN chunkq_claimable")
             except psycopg.Error as exc:
                 logs.event("cannot LISTEN, workers poll meanwhile", level=logging.WARNING, error=one_line(exc))
@@ -252,8 +277,11 @@ class Supervisor:
         # Killed by SIGTERM itself: the worker was still starting, before it set its handler and
         # so before it connected; it held nothing and stopped as cleanly as one that drained.
         clean = all(code in (0, -signal.SIGTERM) for code in codes.values())
-        logs.event("pool stopped" if clean else "pool stopped, not all workers drained cleanly",
-                   level=logging.INFO if clean else logging.WARNING, exit_codes=codes)
+        logs.event(
+            "pool stopped" if clean else "pool stopped, not all workers drained cleanly",
+            level=logging.INFO if clean else logging.WARNING,
+            exit_codes=codes,
+        )
         return 0 if clean else 1
 
     def kill_all(self, why: str) -> int:

@@ -70,9 +70,13 @@ class Session:
                 # PgBouncer in transaction mode cannot follow (the --no-listen setup).
                 prepare = 5 if self.config.listen else None
                 # The name shows the worker in pg_stat_activity and chunkq.live_workers.
-                self.conn = psycopg.connect(self.config.dsn, autocommit=True, prepare_threshold=prepare,
-                                            connect_timeout=10,
-                                            application_name=f"chunkq worker {self.config.name}:{os.getpid()}")
+                self.conn = psycopg.connect(
+                    self.config.dsn,
+                    autocommit=True,
+                    prepare_threshold=prepare,
+                    connect_timeout=10,
+                    application_name=f"chunkq worker {self.config.name}:{os.getpid()}",
+                )
                 self.chunks = JobChunkRepository(self.conn)
                 self.jobs = CrawlJobRepository(self.conn)
                 return
@@ -121,16 +125,26 @@ class Worker:
         """The supervisor is gone: nobody restarts, drains or watches this worker any more. Stop at
         once: report what is finished, hand back the rest (the keeper does, as the deadline is now)."""
         if self.deadline is None or self.deadline > time.monotonic():
-            logs.event("the supervisor is gone: stopping, handing back what this worker holds",
-                       level=logging.WARNING, worker=self.worker_id)
+            logs.event(
+                "the supervisor is gone: stopping, handing back what this worker holds",
+                level=logging.WARNING,
+                worker=self.worker_id,
+            )
             self.deadline = time.monotonic()
             self.stopping.set()
 
     def run(self) -> int:
         self.session.connect()
         check_schema(self.session.conn)  # type: ignore[arg-type]
-        keeper = LeaseKeeper(self.session, self.holdings, self.config.heartbeat, self.config.lease,
-                             lambda: self.deadline, self.hand_back_and_exit, self.orphaned)
+        keeper = LeaseKeeper(
+            self.session,
+            self.holdings,
+            self.config.heartbeat,
+            self.config.lease,
+            lambda: self.deadline,
+            self.hand_back_and_exit,
+            self.orphaned,
+        )
         keeper.start()
         logs.event("worker started", worker=self.worker_id)
         while not self.stopping.is_set():
@@ -160,26 +174,38 @@ class Worker:
         What is claimed is held from the moment the call returns."""
         with self.holdings.lock:
             finished = self.holdings.finished()
-            done = [held for held in finished if not held.lost.is_set()]
+            done: list[Held] = []
+            lost: list[Held] = []
+            for held in finished:  # one look at each: the keeper may mark a chunk lost at any moment
+                (lost if held.lost.is_set() else done).append(held)
             claimed: list[JobChunk] = []
             outcomes: list[str] = []
             if done or limit:
                 try:
                     claimed = session.chunks.complete_and_claim(
-                        [held.chunk.lease for held in done], self.worker_id, limit=limit,
-                        job_id=self.config.job_id, lease=self.config.lease)
+                        [held.chunk.lease for held in done],
+                        self.worker_id,
+                        limit=limit,
+                        job_id=self.config.job_id,
+                        lease=self.config.lease,
+                    )
                     outcomes = ["completed"] * len(done)
                 except REFUSALS:
                     outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
-                    claimed = (session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id,
-                                                    lease=self.config.lease) if limit else [])
+                    claimed = (
+                        session.chunks.claim(
+                            self.worker_id, limit=limit, job_id=self.config.job_id, lease=self.config.lease
+                        )
+                        if limit
+                        else []
+                    )
             for held in finished:
                 self.holdings.drop(held.chunk.id)
             self.completed_since = None
             self.holdings.add(claimed)
         if limit:
             metrics.claimed(len(claimed))
-        for held, outcome in [*zip(done, outcomes), *((h, "lease_lost") for h in finished if h.lost.is_set())]:
+        for held, outcome in [*zip(done, outcomes, strict=True), *((held, "lease_lost") for held in lost)]:
             self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
         return claimed
 
@@ -205,8 +231,10 @@ class Worker:
         ends the process, handler and all."""
         code = 0
         if not self.holdings.lock.acquire(timeout=HAND_BACK_WAIT):  # a report stuck on a dead connection
-            logs.event("grace period over, a report is stuck: exiting; held chunks return when their leases "
-                       "expire", level=logging.ERROR)
+            logs.event(
+                "grace period over, a report is stuck: exiting; held chunks return when their leases expire",
+                level=logging.ERROR,
+            )
             os._exit(1)
         try:
             self.session.call(self.hand_back)
@@ -250,8 +278,16 @@ class Worker:
     def run_one(self, held: Held) -> float:
         """Runs the handler on one chunk; holds back a completion, reports a failure. Seconds it took."""
         chunk = held.chunk
-        task = ChunkTask(chunk.id, chunk.job_id, chunk.chunk_index, chunk.image_start, chunk.image_end,
-                         self.job_keywords(chunk.job_id), chunk.attempt, held.lost)
+        task = ChunkTask(
+            chunk.id,
+            chunk.job_id,
+            chunk.chunk_index,
+            chunk.image_start,
+            chunk.image_end,
+            self.job_keywords(chunk.job_id),
+            chunk.attempt,
+            held.lost,
+        )
         started = time.monotonic()
         error: str | None = None
         retry = True
@@ -281,8 +317,14 @@ class Worker:
         logs.event(
             "chunk " + outcome,
             level=level,
-            event="chunk", job=chunk.job_id, chunk=chunk.id, index=chunk.chunk_index, attempt=chunk.attempt,
-            outcome=outcome, duration_ms=duration_ms, worker=self.worker_id,
+            event="chunk",
+            job=chunk.job_id,
+            chunk=chunk.id,
+            index=chunk.chunk_index,
+            attempt=chunk.attempt,
+            outcome=outcome,
+            duration_ms=duration_ms,
+            worker=self.worker_id,
             **({"error": error} if error else {}),
         )
 
@@ -306,8 +348,14 @@ class Worker:
             if error is None:
                 session.chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
                 return "completed"
-            outcome = session.chunks.fail(chunk.id, chunk.attempt, error, retry=retry,
-                                          max_retries=self.config.max_retries, lease_token=chunk.lease_token)
+            outcome = session.chunks.fail(
+                chunk.id,
+                chunk.attempt,
+                error,
+                retry=retry,
+                max_retries=self.config.max_retries,
+                lease_token=chunk.lease_token,
+            )
             return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
         except ChunkCancelled:
             return "cancelled"
@@ -317,8 +365,11 @@ class Worker:
             # A first try may have been recorded just before the connection broke.
             now = session.chunks.get_by_id(chunk.id)
             if now is not None and now.attempt == chunk.attempt:
-                recorded = {ChunkStatus.COMPLETED: "completed", ChunkStatus.FAILED: "failed",
-                            ChunkStatus.PENDING: "retrying"}
+                recorded = {
+                    ChunkStatus.COMPLETED: "completed",
+                    ChunkStatus.FAILED: "failed",
+                    ChunkStatus.PENDING: "retrying",
+                }
                 return recorded.get(now.status, "refused")
             return "lease_lost"
 

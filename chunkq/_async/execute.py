@@ -34,10 +34,7 @@ async def fetch(
                 return await _execute(conn, query, params, row_factory)
         return await _execute(conn, query, params, row_factory)
     except psycopg.Error as exc:
-        if (
-            status_before == TransactionStatus.IDLE
-            and conn.info.transaction_status == TransactionStatus.INERROR
-        ):
+        if status_before == TransactionStatus.IDLE and conn.info.transaction_status == TransactionStatus.INERROR:
             await conn.rollback()
         error = translate(exc)
         if error is exc:

@@ -25,9 +25,7 @@ from ..errors import translate
 Row = TypeVar("Row")
 
 
-def fetch(
-    conn: Connection[Any], query: str, params: Mapping[str, Any], row_factory: BaseRowFactory[Row]
-) -> list[Row]:
+def fetch(conn: Connection[Any], query: str, params: Mapping[str, Any], row_factory: BaseRowFactory[Row]) -> list[Row]:
     status_before = conn.info.transaction_status
     try:
         if status_before == TransactionStatus.INTRANS:
@@ -35,10 +33,7 @@ def fetch(
                 return _execute(conn, query, params, row_factory)
         return _execute(conn, query, params, row_factory)
     except psycopg.Error as exc:
-        if (
-            status_before == TransactionStatus.IDLE
-            and conn.info.transaction_status == TransactionStatus.INERROR
-        ):
+        if status_before == TransactionStatus.IDLE and conn.info.transaction_status == TransactionStatus.INERROR:
             conn.rollback()
         error = translate(exc)
         if error is exc:

@@ -22,23 +22,23 @@ from psycopg.rows import dict_row
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays
 from ..records import (
-    ExpiredLease,
-    FailureKind,
-    LiveWorker,
-    PruneResult,
     ChunkError,
     ChunkOutcome,
     ChunkStatus,
     CrawlJob,
-    JobChunk,
+    ExpiredLease,
+    FailureKind,
     JobBlocker,
+    JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     JobStatus,
     Lease,
     LeaseState,
+    LiveWorker,
     MetricSample,
+    PruneResult,
     QueueDepth,
     QueueStats,
     record_row,
@@ -62,8 +62,14 @@ class CrawlJobRepository:
         priority: int | None = None,
         max_retries: int | None = None,
         chunk_size: int | None = None,
+        id: int | None = None,
+        retry_base_delay: timedelta | float | None = None,
     ) -> CrawlJob:
-        """Creates a job without chunks. None takes the deployment default (chunkq.settings)."""
+        """Creates a job without chunks. None takes the deployment default (chunkq.settings).
+
+        ``id`` gives the job an id of your own, e.g. your application's job id, so that the seed's
+        ``create_chunks_for_job(job_id=your_job.id, ...)`` finds it; ``retry_base_delay`` (a timedelta or
+        seconds) is the job's own back-off before the first automatic retry."""
         params = {
             "project_id": project_id,
             "name": name,
@@ -72,6 +78,8 @@ class CrawlJobRepository:
             "priority": priority,
             "max_retries": max_retries,
             "chunk_size": chunk_size,
+            "id": id,
+            "retry_base_delay": interval(retry_base_delay),
         }
         rows = fetch(self.conn, q.CREATE_JOB, params, record_row(CrawlJob))
         return rows[0]
@@ -250,8 +258,13 @@ class JobChunkRepository:
         lease_token: UUID | None = None,
     ) -> JobChunk:
         """Extends the lease of a chunk this caller holds; LeaseLost if it does not any more."""
-        params = {"chunk_id": chunk_id, "attempt": attempt, "lease": interval(lease), "task_id": task_id,
-                  "lease_token": lease_token}
+        params = {
+            "chunk_id": chunk_id,
+            "attempt": attempt,
+            "lease": interval(lease),
+            "task_id": task_id,
+            "lease_token": lease_token,
+        }
         rows = fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
         return rows[0]
 

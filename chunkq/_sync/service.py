@@ -93,8 +93,9 @@ class JobChunkingService:
         held = self._leases.get(chunk_id)
         if held is not None:
             with self._holding(chunk_id):
-                chunk = self.chunk_repo.heartbeat(chunk_id, held.attempt, lease=self.lease, task_id=task_id,
-                                                        lease_token=held.lease_token)
+                chunk = self.chunk_repo.heartbeat(
+                    chunk_id, held.attempt, lease=self.lease, task_id=task_id, lease_token=held.lease_token
+                )
         else:
             chunk = self.chunk_repo.claim_by_id(chunk_id, self.worker_id, lease=self.lease, task_id=task_id)
             self._leases[chunk.id] = chunk.lease
@@ -105,8 +106,7 @@ class JobChunkingService:
         """Extends the lease of a chunk this service holds; LeaseLost if it lapsed and was taken over."""
         held = self._held(chunk_id)
         with self._holding(chunk_id):
-            return self.chunk_repo.heartbeat(chunk_id, held.attempt, lease=self.lease,
-                                                   lease_token=held.lease_token)
+            return self.chunk_repo.heartbeat(chunk_id, held.attempt, lease=self.lease, lease_token=held.lease_token)
 
     def mark_chunk_completed(self, chunk_id: int) -> ChunkOutcome:
         held = self._held(chunk_id)
@@ -124,8 +124,9 @@ class JobChunkingService:
         with self._holding(chunk_id):
             outcome = self.chunk_repo.fail(chunk_id, held.attempt, error_message, lease_token=held.lease_token)
         self._leases.pop(chunk_id, None)
-        logger.warning("chunk %d of job %d failed (attempt %d): %s", chunk_id, outcome.job_id, outcome.attempt,
-                       error_message)
+        logger.warning(
+            "chunk %d of job %d failed (attempt %d): %s", chunk_id, outcome.job_id, outcome.attempt, error_message
+        )
         if outcome.job_finished:
             logger.info("job %d finished: %s", outcome.job_id, outcome.job_status)
         return outcome

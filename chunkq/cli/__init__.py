@@ -38,11 +38,30 @@ from .output import console, emit_json, errors, record, table
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 
-JOB_COLUMNS = ["id", "name", "status", "priority", "total_chunks", "completed_chunks", "failed_chunks",
-               "processing_chunks", "completion_percentage", "created_at"]
+JOB_COLUMNS = [
+    "id",
+    "name",
+    "status",
+    "priority",
+    "total_chunks",
+    "completed_chunks",
+    "failed_chunks",
+    "processing_chunks",
+    "completion_percentage",
+    "created_at",
+]
 JOB_HEADERS = ["id", "name", "status", "prio", "chunks", "done", "failed", "running", "%", "created"]
-CHUNK_COLUMNS = ["id", "chunk_index", "image_start", "image_end", "status", "attempt", "retry_count",
-                 "worker_id", "error_message"]
+CHUNK_COLUMNS = [
+    "id",
+    "chunk_index",
+    "image_start",
+    "image_end",
+    "status",
+    "attempt",
+    "retry_count",
+    "worker_id",
+    "error_message",
+]
 CHUNK_HEADERS = ["id", "index", "first image", "last image", "status", "attempt", "retries", "worker", "last error"]
 
 
@@ -58,17 +77,25 @@ class Failure(Exception):
 # The database
 # ---------------------------------------------------------------------------
 
+
 def resolve_dsn(args: argparse.Namespace) -> str:
-    dsn = (getattr(args, "dsn", None) or getattr(args, "global_dsn", None)
-           or os.environ.get("CHUNKQ_DSN") or os.environ.get("DATABASE_URL"))
+    dsn = (
+        getattr(args, "dsn", None)
+        or getattr(args, "global_dsn", None)
+        or os.environ.get("CHUNKQ_DSN")
+        or os.environ.get("DATABASE_URL")
+    )
     if dsn:
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
             raise Failure(f"invalid DSN: {exc}", EXIT_USAGE) from exc
         return dsn
-    errors.print(f"chunkq: no CHUNKQ_DSN or DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir()}"
-                 " (it keeps running; `chunkq embedded stop` stops it)", highlight=False)
+    errors.print(
+        f"chunkq: no CHUNKQ_DSN or DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir()}"
+        " (it keeps running; `chunkq embedded stop` stops it)",
+        highlight=False,
+    )
     return embedded.shared_server()
 
 
@@ -107,8 +134,14 @@ def positive(value: str) -> int:
 # Commands
 # ---------------------------------------------------------------------------
 
-def listed(args: argparse.Namespace, rows: Sequence[Any], columns: Sequence[str],
-           headers: Sequence[str] | None = None, title: str | None = None) -> int:
+
+def listed(
+    args: argparse.Namespace,
+    rows: Sequence[Any],
+    columns: Sequence[str],
+    headers: Sequence[str] | None = None,
+    title: str | None = None,
+) -> int:
     """What a command that lists things prints: the rows as JSON, or a table of some columns."""
     if args.json:
         emit_json(rows)
@@ -157,11 +190,21 @@ def cmd_job_create(args: argparse.Namespace) -> int:
     keywords = keywords_of(args)
     with connect(args) as conn, conn.transaction():  # the job and its chunks, or nothing
         job = CrawlJobRepository(conn).create(
-            project_id=args.project, name=args.name, keywords=keywords, max_images=args.max_images,
-            priority=args.priority, max_retries=args.max_retries, chunk_size=args.chunk_size)
+            project_id=args.project,
+            name=args.name,
+            keywords=keywords,
+            max_images=args.max_images,
+            priority=args.priority,
+            max_retries=args.max_retries,
+            chunk_size=args.chunk_size,
+        )
         job = JobChunkRepository(conn).create_for_job(job.id)
-    return done(args, job, f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
-                           f"of {job.chunk_size}, priority {job.priority}")
+    return done(
+        args,
+        job,
+        f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
+        f"of {job.chunk_size}, priority {job.priority}",
+    )
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
@@ -195,8 +238,11 @@ def cmd_job_progress(args: argparse.Namespace) -> int:
 
             progress = watch(jobs, args.job_id, args.interval)
             if progress.failed_chunks or progress.cancelled_chunks:
-                errors.print(f"job {args.job_id} finished {progress.status}: {progress.failed_chunks} failed, "
-                             f"{progress.cancelled_chunks} cancelled chunks", highlight=False)
+                errors.print(
+                    f"job {args.job_id} finished {progress.status}: {progress.failed_chunks} failed, "
+                    f"{progress.cancelled_chunks} cancelled chunks",
+                    highlight=False,
+                )
                 return EXIT_REFUSED
             return 0
         progress = jobs.progress(args.job_id)
@@ -216,8 +262,9 @@ def cmd_job_cancel(args: argparse.Namespace) -> int:
 def cmd_job_retry_failed(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         retried = JobChunkRepository(conn).retry_failed(args.job_id)
-    return done(args, {"job_id": args.job_id, "retried": retried},
-                f"job {args.job_id}: {retried} failed chunks back to pending")
+    return done(
+        args, {"job_id": args.job_id, "retried": retried}, f"job {args.job_id}: {retried} failed chunks back to pending"
+    )
 
 
 def cmd_job_delete(args: argparse.Namespace) -> int:
@@ -254,22 +301,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
             jobs, chunks = jobs + result.jobs_deleted, chunks + result.chunks_deleted
             if result.done:
                 break
-    return done(args, {"jobs_deleted": jobs, "chunks_deleted": chunks},
-                f"pruned {jobs:,} jobs finished more than {args.older_than} ago ({chunks:,} chunks)")
+    return done(
+        args,
+        {"jobs_deleted": jobs, "chunks_deleted": chunks},
+        f"pruned {jobs:,} jobs finished more than {args.older_than} ago ({chunks:,} chunks)",
+    )
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         workers = JobChunkRepository(conn).live_workers()
-    return listed(args, workers, ["worker_id", "backend_pid", "connected_since", "chunks_held", "heartbeat_age",
-                                  "next_lease_expiry"])
+    return listed(
+        args,
+        workers,
+        ["worker_id", "backend_pid", "connected_since", "chunks_held", "heartbeat_age", "next_lease_expiry"],
+    )
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         kinds = JobChunkRepository(conn).failure_summary()
-    return listed(args, kinds, ["error_kind", "occurrences", "chunks", "jobs", "ended_failed", "last_seen",
-                                "example_chunk_id"])
+    return listed(
+        args, kinds, ["error_kind", "occurrences", "chunks", "jobs", "ended_failed", "last_seen", "example_chunk_id"]
+    )
 
 
 def cmd_chunk_list(args: argparse.Namespace) -> int:
@@ -292,14 +346,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         emit_json({"stats": stats, "depth_by_priority": depth})
     else:
         record(stats, title="queue")
-        table(depth, ["priority", "pending_chunks", "claimable_chunks", "oldest_pending_age"],
-              title="pending by priority")
+        table(
+            depth, ["priority", "pending_chunks", "claimable_chunks", "oldest_pending_age"], title="pending by priority"
+        )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers import __main__ as pool
-    from workers.config import ConfigError, from_args
+    from ..workers import __main__ as pool
+    from ..workers.config import ConfigError, from_args
 
     args.dsn = resolve_dsn(args)
     try:
@@ -347,12 +402,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_embedded(args: argparse.Namespace) -> int:
     if args.action == "stop":
         stopped = embedded.stop_shared_server()
-        console.print(f"embedded PostgreSQL in {embedded.data_dir()} "
-                      f"{'stopped' if stopped else 'was not running'}", highlight=False)
+        console.print(
+            f"embedded PostgreSQL in {embedded.data_dir()} {'stopped' if stopped else 'was not running'}",
+            highlight=False,
+        )
     else:
         running = (embedded.data_dir() / "postmaster.pid").exists()
-        console.print(f"embedded PostgreSQL in {embedded.data_dir()}: {'running' if running else 'stopped'}",
-                      highlight=False)
+        console.print(
+            f"embedded PostgreSQL in {embedded.data_dir()}: {'running' if running else 'stopped'}", highlight=False
+        )
     return 0
 
 
@@ -360,8 +418,9 @@ def cmd_embedded(args: argparse.Namespace) -> int:
 # The parser
 # ---------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    from workers.config import OneLineParser
+    from ..workers.config import OneLineParser
 
     class Parser(OneLineParser):
         error_prefix = "chunkq: "
@@ -370,14 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    parser = Parser(prog="chunkq", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dsn", dest="global_dsn", metavar="DSN",
-                        help="database for any command (also accepted after the command)")
+    parser = Parser(prog="chunkq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--dsn", dest="global_dsn", metavar="DSN", help="database for any command (also accepted after the command)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(parent: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
-                parents: Sequence[argparse.ArgumentParser] = (common,)) -> argparse.ArgumentParser:
+    def command(
+        parent: Any,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        parents: Sequence[argparse.ArgumentParser] = (common,),
+    ) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help, parents=list(parents))
         sub.set_defaults(func=func)
         return sub
@@ -400,21 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     listing = command(jobs, "list", cmd_job_list, "list the newest jobs with their progress")
     listing.add_argument("--status", type=job_status)
     listing.add_argument("--limit", type=positive, default=50)
-    for name, func, help in (("show", cmd_job_show, "a job's details and progress"),
-                             ("cancel", cmd_job_cancel, "cancel a job's pending and processing chunks"),
-                             ("retry-failed", cmd_job_retry_failed, "put a job's failed chunks back to pending"),
-                             ("delete", cmd_job_delete, "delete a job that is not running, with its chunks")):
+    for name, func, help in (
+        ("show", cmd_job_show, "a job's details and progress"),
+        ("cancel", cmd_job_cancel, "cancel a job's pending and processing chunks"),
+        ("retry-failed", cmd_job_retry_failed, "put a job's failed chunks back to pending"),
+        ("delete", cmd_job_delete, "delete a job that is not running, with its chunks"),
+    ):
         command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
-    for name, func, help in (("pause", cmd_job_pause, "stop handing out a job's chunks (running ones carry on)"),
-                             ("resume", cmd_job_resume, "let a paused job's chunks be claimed again")):
+    for name, func, help in (
+        ("pause", cmd_job_pause, "stop handing out a job's chunks (running ones carry on)"),
+        ("resume", cmd_job_resume, "let a paused job's chunks be claimed again"),
+    ):
         command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
     priority = command(jobs, "priority", cmd_job_priority, "give a job and its unfinished chunks a new priority")
     priority.add_argument("job_id", type=int, metavar="ID")
     priority.add_argument("priority", type=int)
     progress = command(jobs, "progress", cmd_job_progress, "a job's progress; --watch follows it to the end")
     progress.add_argument("job_id", type=int, metavar="ID")
-    progress.add_argument("--watch", action="store_true",
-                          help="live progress until the job finishes; exit 1 if chunks failed")
+    progress.add_argument(
+        "--watch", action="store_true", help="live progress until the job finishes; exit 1 if chunks failed"
+    )
     progress.add_argument("--interval", type=float, default=0.5, help="seconds between updates (default 0.5)")
 
     chunk = commands.add_parser("chunk", help="chunks", description="Inspect and retry chunks.")
@@ -424,43 +493,58 @@ def build_parser() -> argparse.ArgumentParser:
     chunk_list.add_argument("--status", type=chunk_status)
     chunk_list.add_argument("--limit", type=positive, default=50)
     command(chunks, "retry", cmd_chunk_retry, "put a failed chunk back to pending").add_argument(
-        "chunk_id", type=int, metavar="ID")
+        "chunk_id", type=int, metavar="ID"
+    )
 
-    command(commands, "stats", cmd_stats,
-            "queue depth by priority, oldest pending, leases, failure rate, vacuum and the oldest transaction")
+    command(
+        commands,
+        "stats",
+        cmd_stats,
+        "queue depth by priority, oldest pending, leases, failure rate, vacuum and the oldest transaction",
+    )
     command(commands, "workers", cmd_workers, "connected workers and the chunks they hold")
     command(commands, "failures", cmd_failures, "errors grouped by kind, most frequent first")
     prune = command(commands, "prune", cmd_prune, "delete jobs that finished long ago, in short transactions")
-    prune.add_argument("--older-than", required=True, metavar="INTERVAL",
-                       help="a PostgreSQL interval, e.g. '30 days'")
+    prune.add_argument("--older-than", required=True, metavar="INTERVAL", help="a PostgreSQL interval, e.g. '30 days'")
     prune.add_argument("--batch", type=positive, default=10_000, help="chunks deleted per transaction")
 
-    from workers.config import add_arguments
+    from ..workers.config import add_arguments
 
-    worker = command(commands, "worker", cmd_worker, "run a worker pool (same options as python -m workers)",
-                     parents=())
+    worker = command(
+        commands, "worker", cmd_worker, "run a worker pool (same options as python -m workers)", parents=()
+    )
     add_arguments(worker)
 
     web = command(commands, "web", cmd_web, "the dashboard and /metrics over HTTP (needs chunkq[web])", parents=())
     web.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=port, default=8080, help="port (default 8080)")
-    web.add_argument("--token-file", metavar="FILE",
-                     help="its first line is the operator token that allows actions (default: $CHUNKQ_WEB_TOKEN; "
-                          "neither: read-only)")
-    web.add_argument("--top-jobs", type=int, default=20, choices=range(0, 1001), metavar="N",
-                     help="jobs with series of their own in /metrics, the rest summed (default 20, at most 1000)")
+    web.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="its first line is the operator token that allows actions "
+        "(default: $CHUNKQ_WEB_TOKEN; neither: read-only)",
+    )
+    web.add_argument(
+        "--top-jobs",
+        type=int,
+        default=20,
+        choices=range(0, 1001),
+        metavar="N",
+        help="jobs with series of their own in /metrics, the rest summed (default 20, at most 1000)",
+    )
     web.add_argument("--refresh", type=float, default=2.0, help="seconds between live updates (default 2)")
 
-    demo = command(commands, "demo", cmd_demo, "crawl a simulated job end to end with a live progress bar",
-                   parents=())
+    demo = command(commands, "demo", cmd_demo, "crawl a simulated job end to end with a live progress bar", parents=())
     demo.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
     demo.add_argument("--images", type=positive, default=250_000, help="images in the job (default 250000)")
     demo.add_argument("--processes", type=positive, default=4, help="worker processes (default 4)")
-    demo.add_argument("--failure-rate", type=float, default=0.03,
-                      help="share of chunk attempts that fail (default 0.03)")
-    demo.add_argument("--seconds-per-image", type=float, default=0.0002,
-                      help="simulated crawl time per image (default 0.0002)")
+    demo.add_argument(
+        "--failure-rate", type=float, default=0.03, help="share of chunk attempts that fail (default 0.03)"
+    )
+    demo.add_argument(
+        "--seconds-per-image", type=float, default=0.0002, help="simulated crawl time per image (default 0.0002)"
+    )
 
     emb = command(commands, "embedded", cmd_embedded, "status or stop of the embedded PostgreSQL", parents=())
     emb.add_argument("action", choices=("status", "stop"))

@@ -33,22 +33,48 @@ def demo(args: argparse.Namespace, dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         jobs = CrawlJobRepository(conn)
         with conn.transaction():
-            job = jobs.create(project_id=1, name=f"demo crawl {time.strftime('%H:%M:%S')}",
-                              keywords=["cats", "kittens"], max_images=args.images)
+            job = jobs.create(
+                project_id=1,
+                name=f"demo crawl {time.strftime('%H:%M:%S')}",
+                keywords=["cats", "kittens"],
+                max_images=args.images,
+            )
             job = JobChunkRepository(conn).create_for_job(job.id)
-        console.print(f"job {job.id}: {job.max_images:,} images in {job.total_chunks:,} chunks of "
-                      f"{job.chunk_size}; {args.processes} workers, {args.failure_rate:.0%} of attempts fail")
+        console.print(
+            f"job {job.id}: {job.max_images:,} images in {job.total_chunks:,} chunks of "
+            f"{job.chunk_size}; {args.processes} workers, {args.failure_rate:.0%} of attempts fail"
+        )
 
         log = Path(tempfile.gettempdir()) / f"chunkq-demo-{job.id}-{os.getpid()}.log"
         with log.open("w") as log_file:
             pool = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--dsn", dsn, "--handler", "workers.sample:crawl",
-                 "--processes", str(args.processes), "--job", str(job.id), "--poll", "0.5",
-                 "--grace", str(GRACE_S), "--log-format", "json"],
-                stdout=log_file, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "chunkq.workers",
+                    "--dsn",
+                    dsn,
+                    "--handler",
+                    "chunkq.workers.sample:crawl",
+                    "--processes",
+                    str(args.processes),
+                    "--job",
+                    str(job.id),
+                    "--poll",
+                    "0.5",
+                    "--grace",
+                    str(GRACE_S),
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the demo only; it drains the pool itself
-                env={**os.environ, "CHUNKQ_SAMPLE_FAILURE_RATE": str(args.failure_rate),
-                     "CHUNKQ_SAMPLE_SECONDS_PER_IMAGE": str(args.seconds_per_image)},
+                env={
+                    **os.environ,
+                    "CHUNKQ_SAMPLE_FAILURE_RATE": str(args.failure_rate),
+                    "CHUNKQ_SAMPLE_SECONDS_PER_IMAGE": str(args.seconds_per_image),
+                },
             )
             started = time.monotonic()
             try:
@@ -57,9 +83,12 @@ def demo(args: argparse.Namespace, dsn: str) -> int:
                 errors.print("interrupted: stopping the workers (running chunks finish or go back to pending)")
                 stop(pool)
                 left = jobs.progress(job.id)
-                errors.print(f"job {job.id} left {left.status} with {left.completed_chunks}/{left.total_chunks} "
-                             f"chunks completed; `chunkq worker --job {job.id} --handler workers.sample:crawl` "
-                             "finishes it", highlight=False)
+                errors.print(
+                    f"job {job.id} left {left.status} with {left.completed_chunks}/{left.total_chunks} "
+                    f"chunks completed; `chunkq worker --job {job.id} --handler chunkq.workers.sample:crawl` "
+                    "finishes it",
+                    highlight=False,
+                )
                 return 130
             elapsed = time.monotonic() - started
             code = stop(pool)
@@ -67,17 +96,20 @@ def demo(args: argparse.Namespace, dsn: str) -> int:
             errors.print(f"the worker pool exited with {code}; its log is {log}", highlight=False)
             return 1
         summary = jobs.error_summary(job.id)
-    record({
-        "job": job.id,
-        "status": progress.status,
-        "chunks completed": f"{progress.completed_chunks}/{progress.total_chunks}",
-        "chunks failed": progress.failed_chunks,
-        "errors recorded": summary.errors,
-        "retries": summary.retried,
-        "duration": f"{elapsed:.1f} s",
-        "throughput": f"{progress.total_chunks / elapsed:,.1f} chunks/s, "
-                      f"{progress.completed_images / elapsed:,.0f} images/s",
-    }, title="demo finished")
+    record(
+        {
+            "job": job.id,
+            "status": progress.status,
+            "chunks completed": f"{progress.completed_chunks}/{progress.total_chunks}",
+            "chunks failed": progress.failed_chunks,
+            "errors recorded": summary.errors,
+            "retries": summary.retried,
+            "duration": f"{elapsed:.1f} s",
+            "throughput": f"{progress.total_chunks / elapsed:,.1f} chunks/s, "
+            f"{progress.completed_images / elapsed:,.0f} images/s",
+        },
+        title="demo finished",
+    )
     return 0 if progress.failed_chunks == 0 else 1
 
 

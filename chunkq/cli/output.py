@@ -66,8 +66,9 @@ def human(value: Any) -> str:
     return str(value)
 
 
-def table(rows: Sequence[Any], columns: Sequence[str], title: str | None = None,
-          headers: Sequence[str] | None = None) -> None:
+def table(
+    rows: Sequence[Any], columns: Sequence[str], title: str | None = None, headers: Sequence[str] | None = None
+) -> None:
     """Rows (dataclasses or dicts) as a table of the given columns (headers default to their names)."""
     out = Table(title=title, header_style="bold")
     for header in headers or [c.replace("_", " ") for c in columns]:

@@ -53,10 +53,12 @@ def eta_text(seconds: float | None) -> str:
 
 
 def line(progress: JobProgress, rates: Rates) -> str:
-    return (f"job {progress.job_id} {progress.status}: {progress.completed_chunks}/{progress.total_chunks} "
-            f"completed ({progress.completion_percentage:.1f}%), {progress.failed_chunks} failed, "
-            f"{progress.processing_chunks} processing, {rates.chunks_per_s:,.1f} chunks/s, "
-            f"{rates.images_per_s:,.0f} images/s, {eta_text(rates.eta_s)}")
+    return (
+        f"job {progress.job_id} {progress.status}: {progress.completed_chunks}/{progress.total_chunks} "
+        f"completed ({progress.completion_percentage:.1f}%), {progress.failed_chunks} failed, "
+        f"{progress.processing_chunks} processing, {rates.chunks_per_s:,.1f} chunks/s, "
+        f"{rates.images_per_s:,.0f} images/s, {eta_text(rates.eta_s)}"
+    )
 
 
 def watch(jobs: CrawlJobRepository, job_id: int, interval: float = 0.5) -> JobProgress:
@@ -87,14 +89,29 @@ def watch(jobs: CrawlJobRepository, job_id: int, interval: float = 0.5) -> JobPr
         console=console,
     )
     with bar:
-        task = bar.add_task("", total=max(progress.total_chunks, 1), job=job_id, status="", failed=0,
-                            processing=0, chunks_s="0", images_s="0", eta="")
+        task = bar.add_task(
+            "",
+            total=max(progress.total_chunks, 1),
+            job=job_id,
+            status="",
+            failed=0,
+            processing=0,
+            chunks_s="0",
+            images_s="0",
+            eta="",
+        )
         while True:
             rates = meter.add(progress)
-            bar.update(task, completed=progress.completed_chunks, status=progress.status.value,
-                       failed=progress.failed_chunks, processing=progress.processing_chunks,
-                       chunks_s=f"{rates.chunks_per_s:,.1f}", images_s=f"{rates.images_per_s:,.0f}",
-                       eta=eta_text(rates.eta_s))
+            bar.update(
+                task,
+                completed=progress.completed_chunks,
+                status=progress.status.value,
+                failed=progress.failed_chunks,
+                processing=progress.processing_chunks,
+                chunks_s=f"{rates.chunks_per_s:,.1f}",
+                images_s=f"{rates.images_per_s:,.0f}",
+                eta=eta_text(rates.eta_s),
+            )
             if progress.status in FINISHED:
                 return progress
             time.sleep(interval)

@@ -3,7 +3,7 @@ dictionaries, so a value looks the same on first paint and after every update.""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..records import FailureKind, JobBlocker, JobOverview, LiveWorker, MetricSample
@@ -20,7 +20,7 @@ BLOCKER_TITLES = {
 }
 
 DASH = "–"
-NEVER = datetime.max.replace(tzinfo=timezone.utc)  # how the dashboard reads a timestamptz of 'infinity'
+NEVER = datetime.max.replace(tzinfo=UTC)  # how the dashboard reads a timestamptz of 'infinity'
 
 
 def duration(value: timedelta | float | None) -> str:
@@ -48,11 +48,11 @@ def duration(value: timedelta | float | None) -> str:
 def moment(value: datetime | None) -> str:
     if value == NEVER:
         return "not while the job is paused"
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else DASH
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else DASH
 
 
 def ago(value: datetime | None) -> str:
-    return duration(datetime.now(timezone.utc) - value) + " ago" if value else DASH
+    return duration(datetime.now(UTC) - value) + " ago" if value else DASH
 
 
 def number(value: int | None) -> str:
@@ -113,7 +113,7 @@ def failure_row(kind: FailureKind) -> dict[str, Any]:
 def worker_row(worker: LiveWorker) -> dict[str, Any]:
     lease = DASH
     if worker.next_lease_expiry is not None:
-        left = worker.next_lease_expiry - datetime.now(timezone.utc)
+        left = worker.next_lease_expiry - datetime.now(UTC)
         lease = f"in {duration(left)}" if left >= timedelta(0) else f"expired {duration(-left)} ago"
     return {
         "key": worker.worker_id,

@@ -33,8 +33,14 @@ def chunkq(dsn: str) -> Callable[..., Result]:
     """Runs ``python -m chunkq ARGS`` against the test database (through $CHUNKQ_DSN)."""
 
     def run(*args: object, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
-        proc = subprocess.run([sys.executable, "-m", "chunkq", *map(str, args)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout, env=env or cli_env(CHUNKQ_DSN=dsn))
+        proc = subprocess.run(
+            [sys.executable, "-m", "chunkq", *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or cli_env(CHUNKQ_DSN=dsn),
+        )
         return Result(proc)
 
     return run

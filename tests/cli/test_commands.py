@@ -14,10 +14,31 @@ from tests.cli.conftest import cli_env
 from tests.helpers.db import MIGRATIONS, claim, new_job
 from tests.helpers.pool import ROOT, progress, wait_until
 
-COMMANDS = [[], ["migrate"], ["job"], ["job", "create"], ["job", "list"], ["job", "show"], ["job", "progress"],
-            ["job", "cancel"], ["job", "retry-failed"], ["job", "delete"], ["job", "pause"], ["job", "resume"],
-            ["job", "priority"], ["chunk"], ["chunk", "list"], ["chunk", "retry"], ["stats"], ["workers"],
-            ["failures"], ["prune"], ["worker"], ["demo"], ["embedded"]]
+COMMANDS = [
+    [],
+    ["migrate"],
+    ["job"],
+    ["job", "create"],
+    ["job", "list"],
+    ["job", "show"],
+    ["job", "progress"],
+    ["job", "cancel"],
+    ["job", "retry-failed"],
+    ["job", "delete"],
+    ["job", "pause"],
+    ["job", "resume"],
+    ["job", "priority"],
+    ["chunk"],
+    ["chunk", "list"],
+    ["chunk", "retry"],
+    ["stats"],
+    ["workers"],
+    ["failures"],
+    ["prune"],
+    ["worker"],
+    ["demo"],
+    ["embedded"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "chunkq")
@@ -40,8 +61,27 @@ def test_migrate_apply_status_rollback(chunkq, empty_dsn):
 
 
 def test_job_lifecycle(chunkq, conn):
-    created = chunkq("job", "create", "--name", "cats", "--max-images", "1200", "-k", "cat", "-k", "kitten",
-                     "--priority", "7", "--chunk-size", "400", "--max-retries", "1", "--project", "9", "--json")
+    created = chunkq(
+        "job",
+        "create",
+        "--name",
+        "cats",
+        "--max-images",
+        "1200",
+        "-k",
+        "cat",
+        "-k",
+        "kitten",
+        "--priority",
+        "7",
+        "--chunk-size",
+        "400",
+        "--max-retries",
+        "1",
+        "--project",
+        "9",
+        "--json",
+    )
     assert created.code == 0, created
     job = created.json()
     assert (job["total_chunks"], job["priority"], job["keywords"], job["project_id"]) == (3, 7, ["cat", "kitten"], 9)
@@ -57,14 +97,17 @@ def test_job_lifecycle(chunkq, conn):
     assert shown["errors"]["errors"] == 0
     assert "completed images" in chunkq("job", "show", job_id).out
 
-    (chunk_id, attempt), = claim(conn, job_id=job_id)
+    ((chunk_id, attempt),) = claim(conn, job_id=job_id)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     prog = chunkq("job", "progress", job_id, "--json").json()
     assert (prog["completed_chunks"], prog["completed_images"], prog["status"]) == (1, 400, "running")
 
     chunks = chunkq("chunk", "list", "--job", job_id, "--json").json()
     assert [(c["chunk_index"], c["image_start"], c["image_end"], c["status"]) for c in chunks] == [
-        (0, 0, 399, "completed"), (1, 400, 799, "pending"), (2, 800, 1199, "pending")]
+        (0, 0, 399, "completed"),
+        (1, 400, 799, "pending"),
+        (2, 800, 1199, "pending"),
+    ]
     assert len(chunkq("chunk", "list", "--job", job_id, "--status", "pending", "--limit", "1", "--json").json()) == 1
     assert "first image" in chunkq("chunk", "list", "--job", job_id).out
 
@@ -102,9 +145,14 @@ def test_stats(chunkq, conn):
 
 def test_worker_command_runs_the_pool(chunkq, conn, dsn):
     job_id = new_job(conn, 500 * 20)
-    pool = subprocess.Popen([sys.executable, "-m", "chunkq", "worker", "--handler", "workers.sample:noop",
-                             "--processes", "2"], cwd=ROOT, env=cli_env(CHUNKQ_DSN=dsn),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "chunkq", "worker", "--handler", "chunkq.workers.sample:noop", "--processes", "2"],
+        cwd=ROOT,
+        env=cli_env(CHUNKQ_DSN=dsn),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: progress(dsn, job_id) == {"completed": 20}, 60, "the job to complete")
         pool.send_signal(signal.SIGTERM)
@@ -125,8 +173,9 @@ def test_dsn_flag_before_the_command(chunkq, dsn):
 
 
 def test_demo_small_job(chunkq, conn):
-    result = chunkq("demo", "--images", "4000", "--processes", "2", "--failure-rate", "0",
-                    "--seconds-per-image", "0", timeout=120)
+    result = chunkq(
+        "demo", "--images", "4000", "--processes", "2", "--failure-rate", "0", "--seconds-per-image", "0", timeout=120
+    )
     assert result.code == 0, result
     assert "demo finished" in result.out and "8/8" in result.out
     assert conn.execute("SELECT status::text FROM chunkq.crawl_jobs").fetchall() == [("completed",)]
@@ -135,8 +184,12 @@ def test_demo_small_job(chunkq, conn):
 @pytest.mark.slow
 def test_embedded_default_is_started_reused_and_stopped(tmp_path):
     env = cli_env(CHUNKQ_EMBEDDED_DIR=str(tmp_path / "pg"))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "chunkq", *args], cwd=ROOT, env=env,  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "chunkq", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
     try:
         first = run("migrate")
         assert first.returncode == 0, first.stderr

@@ -20,8 +20,11 @@ ANSI = re.compile(r"\x1b\[")
 
 def watch(dsn: str, job_id: int, **popen: object) -> subprocess.Popen:
     popen.setdefault("env", cli_env(CHUNKQ_DSN=dsn))
-    return subprocess.Popen([sys.executable, "-m", "chunkq", "job", "progress", str(job_id), "--watch",
-                             "--interval", "0.1"], cwd=ROOT, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "chunkq", "job", "progress", str(job_id), "--watch", "--interval", "0.1"],
+        cwd=ROOT,
+        **popen,
+    )
 
 
 def finish(conn, job_id: int, fail: int = 0) -> None:
@@ -40,8 +43,11 @@ def test_piped_watch_prints_plain_lines_until_the_job_finishes(dsn, conn):
     assert proc.returncode == 0, err
     lines = out.strip().splitlines()
     assert lines[0].startswith(f"job {job_id} pending: 0/4 completed (0.0%)")
-    assert re.match(rf"job {job_id} completed: 4/4 completed \(100\.0%\), 0 failed, 0 processing, "
-                    r"[\d.,]+ chunks/s, [\d,]+ images/s, ETA", lines[-1])
+    assert re.match(
+        rf"job {job_id} completed: 4/4 completed \(100\.0%\), 0 failed, 0 processing, "
+        r"[\d.,]+ chunks/s, [\d,]+ images/s, ETA",
+        lines[-1],
+    )
     assert not ANSI.search(out)
 
 
@@ -108,16 +114,37 @@ def test_ctrl_c_stops_watching(dsn, conn):
 
 def test_ctrl_c_in_the_demo_drains_the_workers(dsn, conn):
     # No simulated failures: a chunk that fails as it finishes during the drain would spend a retry.
-    proc = subprocess.Popen([sys.executable, "-m", "chunkq", "demo", "--images", "500000", "--processes", "2",
-                             "--seconds-per-image", "0.001", "--failure-rate", "0"], cwd=ROOT,
-                            env=cli_env(CHUNKQ_DSN=dsn),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: conn.execute("SELECT count(*) FROM chunkq.job_chunks WHERE status = 'processing'")
-               .fetchone()[0] == 2, 60, "two chunks being crawled")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chunkq",
+            "demo",
+            "--images",
+            "500000",
+            "--processes",
+            "2",
+            "--seconds-per-image",
+            "0.001",
+            "--failure-rate",
+            "0",
+        ],
+        cwd=ROOT,
+        env=cli_env(CHUNKQ_DSN=dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: conn.execute("SELECT count(*) FROM chunkq.job_chunks WHERE status = 'processing'").fetchone()[0] == 2,
+        60,
+        "two chunks being crawled",
+    )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted: stopping the workers" in err and "Traceback" not in err
     assert conn.execute("SELECT count(*) FROM chunkq.job_chunks WHERE status = 'processing'").fetchone() == (0,)
-    assert conn.execute("SELECT max(retry_count), count(*) FILTER (WHERE status = 'failed')"
-                        " FROM chunkq.job_chunks").fetchone() == (0, 0)  # nothing spent, nothing lost
+    assert conn.execute(
+        "SELECT max(retry_count), count(*) FILTER (WHERE status = 'failed') FROM chunkq.job_chunks"
+    ).fetchone() == (0, 0)  # nothing spent, nothing lost

@@ -13,13 +13,13 @@ TABLES = ("crawl_jobs", "job_chunks", "job_chunk_counts", "chunk_errors", "setti
 #: Every migration id, oldest first, as yoyo names them.
 MIGRATIONS = sorted(p.stem for p in migrations_path().glob("*.sql") if not p.name.endswith(".rollback.sql"))
 
+#: The worker's fast path as the SQL tests call it: complete_and_claim(chunk ids, attempts, worker id, limit).
+FAST = "SELECT id, attempt, status::text, worker_id FROM chunkq.complete_and_claim(%s, %s, %s, %s)"
+
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every chunkq table, sorted: equal snapshots mean nothing changed."""
-    return {
-        table: sorted(conn.execute(f"SELECT t::text FROM chunkq.{table} t").fetchall())
-        for table in TABLES
-    }
+    return {table: sorted(conn.execute(f"SELECT t::text FROM chunkq.{table} t").fetchall()) for table in TABLES}
 
 
 def new_job(conn: psycopg.Connection, max_images: int = 1500, *, chunk: bool = True, **kwargs: Any) -> int:
@@ -34,11 +34,11 @@ def new_job(conn: psycopg.Connection, max_images: int = 1500, *, chunk: bool = T
     return job_id
 
 
-def claim(conn: psycopg.Connection, worker: str = "w", limit: int = 1, job_id: int | None = None) -> list[tuple[int, int]]:
+def claim(
+    conn: psycopg.Connection, worker: str = "w", limit: int = 1, job_id: int | None = None
+) -> list[tuple[int, int]]:
     """Claims chunks; returns (chunk id, attempt) pairs in claim order."""
-    return conn.execute(
-        "SELECT id, attempt FROM chunkq.claim_chunks(%s, %s, %s)", (worker, limit, job_id)
-    ).fetchall()
+    return conn.execute("SELECT id, attempt FROM chunkq.claim_chunks(%s, %s, %s)", (worker, limit, job_id)).fetchall()
 
 
 def statuses(conn: psycopg.Connection, job_id: int) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from workers import ChunkTask, DoNotRetry
+from chunkq.workers import ChunkTask, DoNotRetry
 
 SLEEP = float(os.environ.get("CHUNKQ_TEST_SLEEP", "0"))
 

@@ -1,4 +1,4 @@
-"""Running ``python -m workers`` as a real process group, and reading its JSON log."""
+"""Running ``python -m chunkq.workers`` as a real process group, and reading its JSON log."""
 
 from __future__ import annotations
 
@@ -31,9 +31,13 @@ class Pool:
     def __init__(self, dsn: str, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.dsn, self.log_path = dsn, log
         self.log = log.open("w")
-        command = [sys.executable, "-m", "workers", "--dsn", dsn, "--log-format", "json", *args]
+        command = [sys.executable, "-m", "chunkq.workers", "--dsn", dsn, "--log-format", "json", *args]
         self.proc = subprocess.Popen(
-            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **(env or {})},
         )
 
@@ -101,4 +105,4 @@ def chunk_row(dsn: str, job_id: int, index: int) -> dict[str, Any]:
             (job_id, index),
         )
         names = [c.name for c in cur.description]
-        return dict(zip(names, cur.fetchone()))
+        return dict(zip(names, cur.fetchone(), strict=True))

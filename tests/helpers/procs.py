@@ -100,8 +100,9 @@ def random_operations(dsn: str, seed: int, steps: int, results: Any) -> None:
                     if op == "complete":
                         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
                     elif op == "fail":
-                        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'random', %s)",
-                                     (chunk_id, attempt, rng.random() < 0.7))
+                        conn.execute(
+                            "SELECT chunkq.fail_chunk(%s, %s, 'random', %s)", (chunk_id, attempt, rng.random() < 0.7)
+                        )
                     else:
                         conn.execute("SELECT chunkq.heartbeat_chunk(%s, %s)", (chunk_id, attempt))
                         held.append((chunk_id, attempt))

@@ -129,9 +129,10 @@ def reader_dsn(dsn: str) -> Iterator[str]:
         admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """Debian's Chromium under Playwright, for the session."""
+    """Debian's Chromium under Playwright, for one test module: while Playwright's sync API is open, its event
+    loop counts as running in this thread, and pytest-asyncio's tests in later modules could not start theirs."""
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("Playwright is not installed: pip install -e '.[e2e]' (never `playwright install`)")
     if not Path(CHROMIUM).exists():

@@ -45,7 +45,7 @@ def test_the_jobs_page_shows_progress_moving_without_reload(conn, start_pool, st
     conn.execute("SELECT chunkq.pause_job(%s)", (paused,))
     named_job(conn, "dogs · archive", 120, priority=3, keywords='["dog"]')
     web = start_web("--refresh", "0.5")
-    start_pool("--handler", "workers.sample:crawl", "--processes", "2", env=CRAWL)
+    start_pool("--handler", "chunkq.workers.sample:crawl", "--processes", "2", env=CRAWL)
     wait_until(
         lambda: scalar(conn, "SELECT completed_chunks FROM chunkq.job_overview WHERE id = %s", crawl) > 5,
         30,
@@ -72,7 +72,7 @@ def test_the_jobs_page_shows_progress_moving_without_reload(conn, start_pool, st
 def test_pause_and_resume_from_a_job_page(conn, start_pool, start_web, page):
     job_id = named_job(conn, "cats · December crawl", 400, keywords='["cat", "cats"]')
     web = start_web("--refresh", "0.5", token=TOKEN)
-    start_pool("--handler", "workers.sample:crawl", "--processes", "2", env=CRAWL)
+    start_pool("--handler", "chunkq.workers.sample:crawl", "--processes", "2", env=CRAWL)
 
     page.goto(web.url + f"/jobs/{job_id}")
     assert page.locator("button.pause").count() == 0  # not signed in: no actions

@@ -19,8 +19,22 @@ from tests.helpers.pool import alive, progress, wait_until
 
 GRACE = 5.0
 CHAOS_SECONDS = 8.0
-POOL = ("--handler", "workers.sample:crawl", "--processes", "3", "--batch", "4", "--lease", "2",
-        "--heartbeat", "0.4", "--poll", "0.3", "--grace", str(GRACE))
+POOL = (
+    "--handler",
+    "chunkq.workers.sample:crawl",
+    "--processes",
+    "3",
+    "--batch",
+    "4",
+    "--lease",
+    "2",
+    "--heartbeat",
+    "0.4",
+    "--poll",
+    "0.3",
+    "--grace",
+    str(GRACE),
+)
 # About 10 ms per 500-image chunk, and 5 % of attempts fail like a flaky image host.
 CRAWL = {"CHUNKQ_SAMPLE_SECONDS_PER_IMAGE": "0.00002", "CHUNKQ_SAMPLE_FAILURE_RATE": "0.05"}
 
@@ -41,8 +55,13 @@ CREATE TRIGGER chaos_job_finished AFTER UPDATE OF finished_at ON chunkq.crawl_jo
 
 
 def worker_backends(conn: psycopg.Connection) -> list[int]:
-    return [pid for pid, in conn.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'chunkq worker %'")]
+    return [
+        pid
+        for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'chunkq worker %'"
+        )
+    ]
 
 
 def unleash(pool, conn: psycopg.Connection, rng: random.Random, seconds: float) -> dict[str, int]:
@@ -108,12 +127,15 @@ def test_chaos_loses_nothing_and_counts_nothing_twice(dsn, conn, start_pool, see
     assert conn.execute(
         "SELECT count(*) FROM chunkq.job_chunks c WHERE c.job_id = %s AND c.status = 'failed'"
         " AND (c.error_message IS NULL OR NOT EXISTS (SELECT 1 FROM chunkq.chunk_errors e WHERE e.chunk_id = c.id"
-        " AND NOT e.retried))", (job_id,)).fetchone() == (0,), "a failed chunk without its error"
+        " AND NOT e.retried))",
+        (job_id,),
+    ).fetchone() == (0,), "a failed chunk without its error"
     completed_twice = conn.execute(
         "SELECT id FROM public.chaos_journal WHERE what = 'chunk completed' GROUP BY id HAVING count(*) > 1"
     ).fetchall()
     assert completed_twice == []
     assert conn.execute("SELECT count(*) FROM public.chaos_journal WHERE what = 'chunk completed'").fetchone() == (
-        counts.get("completed", 0),)
+        counts.get("completed", 0),
+    )
     assert conn.execute("SELECT id FROM public.chaos_journal WHERE what = 'job finished'").fetchall() == [(job_id,)]
     assert_counters_consistent(conn)

@@ -21,8 +21,9 @@ FAST_LEASE = ("--lease", "2", "--heartbeat", "0.4", "--poll", "0.3")
 
 
 def worker_pid(dsn: str, job_id: int, index: int) -> int:
-    row = wait_until(lambda: (r := chunk_row(dsn, job_id, index))["status"] == "processing" and r, 30,
-                     f"chunk {index} to be running")
+    row = wait_until(
+        lambda: (r := chunk_row(dsn, job_id, index))["status"] == "processing" and r, 30, f"chunk {index} to be running"
+    )
     return int(row["worker_id"].rsplit(":", 1)[1])
 
 
@@ -33,8 +34,14 @@ def completed_once(outcomes: list[dict]) -> Counter:
 @pytest.mark.slow
 def test_kill_9_mid_chunk(dsn, conn, start_pool):
     job_id = new_job(conn, 500 * 20)
-    pool = start_pool("--handler", "tests.helpers.handlers:slow_first", "--processes", "2", *FAST_LEASE,
-                      env={"CHUNKQ_TEST_SLEEP": "600"})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:slow_first",
+        "--processes",
+        "2",
+        *FAST_LEASE,
+        env={"CHUNKQ_TEST_SLEEP": "600"},
+    )
     victim = worker_pid(dsn, job_id, 0)
     os.kill(victim, signal.SIGKILL)
 
@@ -57,8 +64,14 @@ def test_kill_9_mid_chunk(dsn, conn, start_pool):
 @pytest.mark.slow
 def test_stalled_worker_past_its_lease_cannot_complete(dsn, conn, start_pool):
     job_id = new_job(conn, 500 * 6)
-    pool = start_pool("--handler", "tests.helpers.handlers:slow_first", "--processes", "2", *FAST_LEASE,
-                      env={"CHUNKQ_TEST_SLEEP": "2"})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:slow_first",
+        "--processes",
+        "2",
+        *FAST_LEASE,
+        env={"CHUNKQ_TEST_SLEEP": "2"},
+    )
     stalled = worker_pid(dsn, job_id, 0)
     os.kill(stalled, signal.SIGSTOP)
     try:
@@ -82,10 +95,12 @@ def test_stalled_worker_past_its_lease_cannot_complete(dsn, conn, start_pool):
 
 def terminate_pool_backends(conn: psycopg.Connection) -> int:
     """Kills every connection to the test database but the test's own."""
-    return len(conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    ).fetchall())
+    return len(
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    )
 
 
 @pytest.mark.slow
@@ -93,7 +108,7 @@ def test_terminated_connections_are_reopened(dsn, conn, start_pool):
     job_id = new_job(conn, 500 * 3000)
     pool = start_pool("--handler", "tests.helpers.handlers:tiny", "--processes", "4", *FAST_LEASE)
     for threshold in (300, 1200):
-        wait_until(lambda: progress(dsn, job_id).get("completed", 0) >= threshold, 60, f"{threshold} completed")
+        wait_until(lambda n=threshold: progress(dsn, job_id).get("completed", 0) >= n, 60, f"{threshold} completed")
         assert terminate_pool_backends(conn) >= 4
     wait_until(lambda: progress(dsn, job_id) == {"completed": 3000}, 120, "all 3000 completed")
     assert pool.stop() == 0
@@ -141,14 +156,25 @@ def test_full_postgres_restart(own_server, start_pool):
 @pytest.mark.slow
 def test_crash_loop_backs_off_and_the_poison_chunk_ends_failed(dsn, conn, start_pool):
     job_id = new_job(conn, 500, max_retries=2)
-    pool = start_pool("--handler", "tests.helpers.handlers:crashes", "--processes", "1",
-                      "--lease", "0.5", "--heartbeat", "0.1", "--poll", "0.1")
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:crashes",
+        "--processes",
+        "1",
+        "--lease",
+        "0.5",
+        "--heartbeat",
+        "0.1",
+        "--poll",
+        "0.1",
+    )
     wait_until(lambda: progress(dsn, job_id) == {"failed": 1}, 60, "the poison chunk to fail for good")
     delays = [line["restart_in_s"] for line in pool.lines() if line["message"] == "worker process died, restarting"]
     assert delays[:3] == [0.5, 1.0, 2.0]  # doubling, so a crash loop does not spin
     chunk = chunk_row(dsn, job_id, 0)
     assert (chunk["attempt"], chunk["retry_count"]) == (3, 2)
-    errors = conn.execute("SELECT attempt, lease_expired, retried FROM chunkq.chunk_error_history(%s)",
-                          (chunk["id"],)).fetchall()
+    errors = conn.execute(
+        "SELECT attempt, lease_expired, retried FROM chunkq.chunk_error_history(%s)", (chunk["id"],)
+    ).fetchall()
     assert errors == [(1, True, True), (2, True, True), (3, True, False)]
     assert pool.stop() == 0

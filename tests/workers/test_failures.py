@@ -28,7 +28,8 @@ def test_failing_twice_then_succeeding(dsn, conn, start_pool):
     assert pool.stop() == 0
     assert conn.execute(
         "SELECT DISTINCT attempt, retry_count, error_message LIKE 'RuntimeError: flaky attempt 2%%'"
-        " FROM chunkq.job_chunks WHERE job_id = %s", (job_id,)
+        " FROM chunkq.job_chunks WHERE job_id = %s",
+        (job_id,),
     ).fetchall() == [(3, 2, True)]
     errors = history(conn, job_id)
     assert [(i, a, r) for i, a, r, _ in errors] == [(i, a, True) for i in range(3) for a in (1, 2)]
@@ -47,7 +48,13 @@ def test_always_failing_ends_failed_after_max_retries(dsn, conn, start_pool):
     assert conn.execute("SELECT status::text FROM chunkq.crawl_jobs WHERE id = %s", (job_id,)).fetchone() == ("failed",)
     errors = history(conn, job_id)
     assert [(i, a, r) for i, a, r, _ in errors] == [
-        (0, 1, True), (0, 2, True), (0, 3, False), (1, 1, True), (1, 2, True), (1, 3, False)]
+        (0, 1, True),
+        (0, 2, True),
+        (0, 3, False),
+        (1, 1, True),
+        (1, 2, True),
+        (1, 3, False),
+    ]
     assert all(e.startswith("ValueError: no images for ['cat']") for *_, e in errors)
 
 
@@ -62,8 +69,9 @@ def test_do_not_retry(dsn, conn, start_pool):
 
 def test_max_retries_override(dsn, conn, start_pool):
     job_id = new_job(conn, 500, max_retries=5)
-    pool = start_pool("--handler", "tests.helpers.handlers:always_fails", "--processes", "1", "--poll", "0.1",
-                      "--max-retries", "1")
+    pool = start_pool(
+        "--handler", "tests.helpers.handlers:always_fails", "--processes", "1", "--poll", "0.1", "--max-retries", "1"
+    )
     wait_until(lambda: progress(dsn, job_id) == {"failed": 1}, 30, "the chunk to fail")
     assert pool.stop() == 0
     assert [(a, r) for _, a, r, _ in history(conn, job_id)] == [(1, True), (2, False)]

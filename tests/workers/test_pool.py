@@ -14,7 +14,7 @@ import pytest
 from tests.helpers.db import assert_counters_consistent, new_job
 from tests.helpers.pool import ROOT, progress, wait_until
 
-NOOP = ("--handler", "workers.sample:noop")
+NOOP = ("--handler", "chunkq.workers.sample:noop")
 
 
 @pytest.mark.slow
@@ -39,24 +39,28 @@ def test_four_processes_drain_10000_chunks_of_3_jobs_exactly_once(dsn, conn, sta
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (("--handler", "no.such.module:f"), "cannot import 'no.such.module'"),
-        (("--handler", "workers.sample:missing"), "has no 'missing'"),
+        (("--handler", "chunkq.workers.sample:missing"), "has no 'missing'"),
         (("--handler", "tests.helpers.handlers:NOT_CALLABLE"), "is a str, not a function"),
         (("--handler", "workers.sample"), "must look like package.module:function"),
-        (("--handler", "workers.sample:noop", "--processes", "0"), "--processes must be at least 1"),
-        (("--handler", "workers.sample:noop", "--lease", "-5"), "--lease must be a positive"),
-        (("--handler", "workers.sample:noop", "--poll", "0"), "--poll must be a positive"),
-        (("--handler", "workers.sample:noop", "--heartbeat", "0"), "--heartbeat must be a positive"),
-        (("--handler", "workers.sample:noop", "--lease", "5", "--heartbeat", "5"), "must be shorter than --lease"),
-        (("--handler", "workers.sample:noop", "--batch", "0"), "--batch must be between 1 and 1000"),
-        (("--handler", "workers.sample:noop", "--max-retries", "-1"), "--max-retries must not be negative"),
+        (("--handler", "chunkq.workers.sample:noop", "--processes", "0"), "--processes must be at least 1"),
+        (("--handler", "chunkq.workers.sample:noop", "--lease", "-5"), "--lease must be a positive"),
+        (("--handler", "chunkq.workers.sample:noop", "--poll", "0"), "--poll must be a positive"),
+        (("--handler", "chunkq.workers.sample:noop", "--heartbeat", "0"), "--heartbeat must be a positive"),
+        (
+            ("--handler", "chunkq.workers.sample:noop", "--lease", "5", "--heartbeat", "5"),
+            "must be shorter than --lease",
+        ),
+        (("--handler", "chunkq.workers.sample:noop", "--batch", "0"), "--batch must be between 1 and 1000"),
+        (("--handler", "chunkq.workers.sample:noop", "--max-retries", "-1"), "--max-retries must not be negative"),
     ],
 )
 def test_bad_options_exit_2_before_claiming(dsn, conn, args, message):
@@ -77,7 +81,7 @@ def test_bad_options_exit_2_before_claiming(dsn, conn, args, message):
     ],
 )
 def test_bad_dsn_exits_2(dsn_arg, message):
-    result = run_cli("--dsn", dsn_arg, "--handler", "workers.sample:noop")
+    result = run_cli("--dsn", dsn_arg, "--handler", "chunkq.workers.sample:noop")
     assert (result.returncode, "Traceback" in result.stderr) == (2, False)
     assert message in result.stderr
 
@@ -85,26 +89,26 @@ def test_bad_dsn_exits_2(dsn_arg, message):
 def test_missing_dsn_exits_2(monkeypatch):
     monkeypatch.delenv("CHUNKQ_DSN", raising=False)
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    result = run_cli("--handler", "workers.sample:noop")
+    result = run_cli("--handler", "chunkq.workers.sample:noop")
     assert result.returncode == 2 and "no database" in result.stderr
 
 
 def test_unknown_job_filter_exits_2(dsn, conn):
     new_job(conn, 1500)
-    result = run_cli("--dsn", dsn, "--handler", "workers.sample:noop", "--job", "4242")
+    result = run_cli("--dsn", dsn, "--handler", "chunkq.workers.sample:noop", "--job", "4242")
     assert result.returncode == 2 and "--job 4242: no such crawl job" in result.stderr
     assert progress(dsn) == {"pending": 3}
 
 
 def test_unmigrated_database_exits_2(empty_dsn):
-    result = run_cli("--dsn", empty_dsn, "--handler", "workers.sample:noop")
+    result = run_cli("--dsn", empty_dsn, "--handler", "chunkq.workers.sample:noop")
     assert result.returncode == 2 and "chunkq schema is missing or outdated" in result.stderr
 
 
 def test_older_schema_exits_2_before_claiming(dsn, conn):
     new_job(conn, 1500)
     conn.execute("CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer LANGUAGE sql AS 'SELECT 1'")
-    result = run_cli("--dsn", dsn, "--handler", "workers.sample:noop")
+    result = run_cli("--dsn", dsn, "--handler", "chunkq.workers.sample:noop")
     assert result.returncode == 2 and "schema is at version 1" in result.stderr
     assert progress(dsn) == {"pending": 3}
 
@@ -126,8 +130,15 @@ def test_sigterm_while_workers_are_still_starting_is_a_clean_stop(dsn, conn, sta
 
 def test_sigterm_lets_running_chunks_finish(dsn, conn, start_pool):
     new_job(conn, 500 * 10)
-    pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", "--grace", "20",
-                      env={"CHUNKQ_TEST_SLEEP": "1.5"})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:sleepy",
+        "--processes",
+        "2",
+        "--grace",
+        "20",
+        env={"CHUNKQ_TEST_SLEEP": "1.5"},
+    )
     wait_until(lambda: processing(dsn) == 2, 30, "two running chunks")
     pool.signal(signal.SIGTERM)
     assert pool.wait(30) == 0
@@ -140,8 +151,17 @@ def test_sigterm_lets_running_chunks_finish(dsn, conn, start_pool):
 
 def test_sigterm_hands_back_chunks_that_outlast_the_grace_period(dsn, conn, start_pool):
     job_id = new_job(conn, 500 * 10)
-    pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", "--batch", "3",
-                      "--grace", "1", env={"CHUNKQ_TEST_SLEEP": "60"})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:sleepy",
+        "--processes",
+        "2",
+        "--batch",
+        "3",
+        "--grace",
+        "1",
+        env={"CHUNKQ_TEST_SLEEP": "60"},
+    )
     wait_until(lambda: processing(dsn) == 6, 30, "six claimed chunks")
     pool.signal(signal.SIGTERM)
     started = time.monotonic()
@@ -163,15 +183,25 @@ def test_a_drain_past_its_grace_reports_finished_chunks_as_finished(dsn, conn, s
     """Chunks 0-2 finish at once and wait to be reported with the next claim; chunk 3 outlasts the grace."""
     job_id = new_job(conn, 500 * 4)
     mark = tmp_path / "slow-started"
-    pool = start_pool("--handler", "tests.helpers.handlers:slow_index", "--processes", "1", "--batch", "4",
-                      "--grace", "1", env={"CHUNKQ_TEST_SLEEP": "60", "CHUNKQ_TEST_SLOW_INDEX": "3",
-                                           "CHUNKQ_TEST_MARK": str(mark)})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:slow_index",
+        "--processes",
+        "1",
+        "--batch",
+        "4",
+        "--grace",
+        "1",
+        env={"CHUNKQ_TEST_SLEEP": "60", "CHUNKQ_TEST_SLOW_INDEX": "3", "CHUNKQ_TEST_MARK": str(mark)},
+    )
     wait_until(mark.exists, 30, "the slow chunk to start")
     pool.signal(signal.SIGTERM)
     assert pool.wait(30) == 0
     rows = conn.execute(
         "SELECT chunk_index, status::text, attempt, retry_count FROM chunkq.job_chunks WHERE job_id = %s"
-        " ORDER BY chunk_index", (job_id,)).fetchall()
+        " ORDER BY chunk_index",
+        (job_id,),
+    ).fetchall()
     assert rows == [(0, "completed", 1, 0), (1, "completed", 1, 0), (2, "completed", 1, 0), (3, "pending", 1, 0)]
     assert [line.get("outcome") for line in pool.lines()].count("released") == 1
     assert_counters_consistent(conn)
@@ -179,8 +209,15 @@ def test_a_drain_past_its_grace_reports_finished_chunks_as_finished(dsn, conn, s
 
 def test_second_signal_exits_at_once(dsn, conn, start_pool):
     new_job(conn, 500 * 4)
-    pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", "--grace", "60",
-                      env={"CHUNKQ_TEST_SLEEP": "60"})
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:sleepy",
+        "--processes",
+        "2",
+        "--grace",
+        "60",
+        env={"CHUNKQ_TEST_SLEEP": "60"},
+    )
     wait_until(lambda: processing(dsn) == 2, 30, "two running chunks")
     pool.signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -192,8 +229,7 @@ def test_second_signal_exits_at_once(dsn, conn, start_pool):
 def test_sigint_twice_as_from_a_terminal(dsn, conn, start_pool):
     """Ctrl-C reaches every process of the group; workers ignore it and the supervisor counts."""
     new_job(conn, 500 * 4)
-    pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2",
-                      env={"CHUNKQ_TEST_SLEEP": "60"})
+    pool = start_pool("--handler", "tests.helpers.handlers:sleepy", "--processes", "2", env={"CHUNKQ_TEST_SLEEP": "60"})
     wait_until(lambda: processing(dsn) == 2, 30, "two running chunks")
     import os
 
@@ -208,8 +244,13 @@ def test_log_lines_are_human_readable_by_default(dsn, conn, tmp_path):
     new_job(conn, 500)
     log = tmp_path / "text.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers", "--dsn", dsn, *NOOP, "--processes", "1"],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--dsn", dsn, *NOOP, "--processes", "1"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until(lambda: "chunk completed" in log.read_text(), 30, "an outcome line")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -244,7 +285,10 @@ def test_job_deleted_under_a_job_filter_idles_the_pool(dsn, conn, start_pool):
     pool = start_pool(*NOOP, "--processes", "1", "--poll", "0.2", "--job", str(job_id))
     wait_until(lambda: progress(dsn, job_id) == {"completed": 1}, 30, "the chunk to complete")
     conn.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (job_id,))
-    wait_until(lambda: any(line["message"] == "the job to work on no longer exists" for line in pool.lines()),
-               10, "the worker to notice")
+    wait_until(
+        lambda: any(line["message"] == "the job to work on no longer exists" for line in pool.lines()),
+        10,
+        "the worker to notice",
+    )
     assert pool.stop() == 0
     assert not any("died" in line["message"] or "crashed" in line["message"] for line in pool.lines())

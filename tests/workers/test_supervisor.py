@@ -15,12 +15,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from chunkq.workers.config import PoolConfig
+from chunkq.workers.supervisor import Supervisor
 from tests.helpers.db import assert_counters_consistent, new_job
 from tests.helpers.pool import alive, progress, wait_until
-from workers.config import PoolConfig
-from workers.supervisor import Supervisor
 
-NOOP = ("--handler", "workers.sample:noop")
+NOOP = ("--handler", "chunkq.workers.sample:noop")
 
 HOSTILE_PAYLOADS = [
     "5",
@@ -85,7 +85,7 @@ def test_forged_notifications_cannot_break_the_supervisor(dsn, conn, start_pool,
 
 
 def test_the_supervisor_loop_survives_a_failure_in_its_housekeeping(caplog):
-    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="workers.sample:noop", processes=1, listen=False))
+    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="chunkq.workers.sample:noop", processes=1, listen=False))
     calls = {"n": 0}
 
     def broken_restart() -> None:
@@ -125,7 +125,7 @@ def test_a_worker_killed_while_being_woken_does_not_wedge_the_pool(dsn, conn, st
         for pid in pool.worker_pids()[-2:]:
             os.kill(pid, signal.SIGKILL)
         conn.execute("SELECT pg_notify('chunkq_claimable', '{\"chunks\": 5}')")
-        wait_until(lambda: len(pool.worker_pids()) == 4 + 2 * round_, 30, "replacement workers")
+        wait_until(lambda n=4 + 2 * round_: len(pool.worker_pids()) == n, 30, "replacement workers")
     job_id = new_job(conn, 500 * 5)
     wait_until(lambda: progress(dsn, job_id) == {"completed": 5}, 30, "the job to complete")
     assert pool.stop() == 0
@@ -133,8 +133,9 @@ def test_a_worker_killed_while_being_woken_does_not_wedge_the_pool(dsn, conn, st
 
 def test_workers_stop_and_hand_back_when_the_supervisor_is_killed(dsn, conn, start_pool):
     job_id = new_job(conn, 500 * 5000)
-    pool = start_pool("--handler", "tests.helpers.handlers:tiny", "--processes", "2", "--batch", "5",
-                      "--lease", "60", "--grace", "30")
+    pool = start_pool(
+        "--handler", "tests.helpers.handlers:tiny", "--processes", "2", "--batch", "5", "--lease", "60", "--grace", "30"
+    )
     wait_until(lambda: progress(dsn, job_id).get("completed", 0) >= 100, 60, "work under way")
     workers = pool.worker_pids()
     os.kill(pool.proc.pid, signal.SIGKILL)  # the supervisor only, not its process group

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from chunkq.workers.config import PoolConfig
+from chunkq.workers.supervisor import Supervisor, chunks_announced
 from tests.helpers.db import new_job
 from tests.helpers.pool import progress, wait_until
 from tests.workers.test_supervisor import HOSTILE_PAYLOADS
-from workers.config import PoolConfig
-from workers.supervisor import Supervisor, chunks_announced
 
 
 def started(pool, workers):
@@ -20,7 +20,7 @@ def started(pool, workers):
 
 
 def test_new_chunks_wake_idle_workers_at_once(dsn, conn, start_pool):
-    pool = start_pool("--handler", "workers.sample:noop", "--processes", "2", "--poll", "30")
+    pool = start_pool("--handler", "chunkq.workers.sample:noop", "--processes", "2", "--poll", "30")
     started(pool, 2)
     created = time.monotonic()
     job_id = new_job(conn, 500)
@@ -30,7 +30,7 @@ def test_new_chunks_wake_idle_workers_at_once(dsn, conn, start_pool):
 
 
 def test_poll_only_mode(dsn, conn, start_pool):
-    pool = start_pool("--handler", "workers.sample:noop", "--processes", "1", "--poll", "0.3", "--no-listen")
+    pool = start_pool("--handler", "chunkq.workers.sample:noop", "--processes", "1", "--poll", "0.3", "--no-listen")
     started(pool, 1)
     job_id = new_job(conn, 1000)
     wait_until(lambda: progress(dsn, job_id) == {"completed": 2}, 10, "the chunks to complete")
@@ -48,7 +48,7 @@ def woken(readers: list) -> list[bool]:
 
 
 def idle_supervisor(**options) -> tuple[Supervisor, list]:
-    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="workers.sample:noop", **options))
+    supervisor = Supervisor(PoolConfig(dsn="dbname=x", handler="chunkq.workers.sample:noop", **options))
     readers = [slot.new_channel(supervisor.context) for slot in supervisor.slots]
     for slot in supervisor.slots:
         supervisor.idle[slot.index] = 1

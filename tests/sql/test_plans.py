@@ -1,11 +1,10 @@
-"""The claim of 0007: one statement, plans that fit the table, statistics refreshed by create_chunks."""
+"""Plans and statistics: the claim and the reclaim read indexes, not the table; create_chunks refreshes statistics."""
 
 from __future__ import annotations
 
 import time
 
 import psycopg
-import pytest
 
 from tests.helpers.db import assert_counters_consistent, claim, new_job, statuses
 
@@ -43,7 +42,7 @@ def test_create_chunks_analyzes_the_table_only_for_a_job_large_next_to_it(conn):
     new_job(conn, 500 * 40)  # 40 more: not worth it
     _, after_small = table_stats(conn)
     assert (after_large - analyzed, after_small - after_large) == (1, 0)
-    reltuples, = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'chunkq.job_chunks'::regclass").fetchone()
+    (reltuples,) = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'chunkq.job_chunks'::regclass").fetchone()
     assert reltuples == 2000  # the chunks it was inserting, counted before they were committed
 
 
@@ -72,25 +71,3 @@ def test_the_reclaim_does_not_scan_the_table_when_the_statistics_expect_expired_
         assert len(claim(conn, "w", limit=1)) == 1
     scans_after, _ = table_stats(conn)
     assert scans_after == scans_before  # "has any lease expired?" read one index entry, not the table
-
-
-def test_a_claim_across_jobs_skips_a_paused_jobs_chunk_back_in_the_queue(conn):
-    paused = new_job(conn, 500 * 3, priority=9)
-    other = new_job(conn, 500 * 2, priority=1)
-    (held, attempt), = claim(conn, job_id=paused)
-    conn.execute("SELECT chunkq.pause_job(%s)", (paused,))
-    conn.execute("SELECT chunkq.release_chunk(%s, %s)", (held, attempt))  # back to pending, paused or not
-    conn.execute("UPDATE chunkq.job_chunks SET available_at = now() WHERE id = %s", (held,))  # in the claim index
-    taken = conn.execute("SELECT id, job_id FROM chunkq.claim_chunks('w', 10)").fetchall()
-    assert {job for _, job in taken} == {other} and len(taken) == 2
-    assert_counters_consistent(conn)
-
-
-@pytest.mark.parametrize("limit", [1, 100])
-def test_claimed_chunks_come_back_in_claim_order(conn, limit):
-    low = new_job(conn, 500 * 3, priority=1)
-    high = new_job(conn, 500 * 3, priority=7)
-    rows = conn.execute("SELECT job_id, chunk_index FROM chunkq.complete_and_claim('{}', '{}', 'w', %s)",
-                        (limit,)).fetchall()
-    expected = [(high, 0), (high, 1), (high, 2), (low, 0), (low, 1), (low, 2)]
-    assert rows == expected[:limit]

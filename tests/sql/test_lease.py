@@ -1,4 +1,4 @@
-"""SQL API: leases, reclaiming abandoned chunks, and fencing stale workers out."""
+"""SQL API: leases — expiry, reclaim_expired_chunks, heartbeats that keep a lease, stale workers fenced out."""
 
 from __future__ import annotations
 
@@ -52,11 +52,39 @@ def test_heartbeat_keeps_a_lease_alive(conn):
     assert conn.execute("SELECT chunkq.reclaim_expired_chunks()").fetchone() == (0,)
 
 
+def test_heartbeat_chunks_extends_held_leases_and_reports_lost_ones(conn):
+    job_id = new_job(conn, 500 * 3)
+    (a, att_a), (b, att_b), (c, att_c) = conn.execute(
+        "SELECT id, attempt FROM chunkq.claim_chunks('w', 3, NULL, interval '10 s')"
+    ).fetchall()
+    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (b, att_b))
+    rows = conn.execute(
+        "SELECT chunk_id, held, status::text, lease_expires_at - now() > interval '50 s'"
+        " FROM chunkq.heartbeat_chunks(%s, %s, interval '60 s')",
+        ([a, b, c, 424242], [att_a, att_b, att_c + 1, 1]),
+    ).fetchall()
+    assert rows == [
+        (a, True, "processing", True),
+        (b, False, "completed", None),
+        (c, False, "processing", None),
+        (424242, False, None, None),
+    ]
+    conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    rows = conn.execute("SELECT held, status::text FROM chunkq.heartbeat_chunks(%s, %s)", ([a], [att_a])).fetchall()
+    assert rows == [(False, "cancelled")]
+
+
+def test_heartbeat_chunks_rejects_mismatched_arrays(conn):
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT * FROM chunkq.heartbeat_chunks('{1,2}', '{1}')")
+    assert caught.value.sqlstate == "CQ001"
+
+
 def test_stale_complete_after_reclaim_raises_lease_lost_and_keeps_the_newer_attempt(conn):
     job_id = new_job(conn, 500)
     chunk_id, stale = claim_briefly(conn, "stalled")
     time.sleep(0.1)
-    (same_chunk, fresh), = claim(conn, "rescuer")
+    ((same_chunk, fresh),) = claim(conn, "rescuer")
     assert same_chunk == chunk_id and fresh == stale + 1
     newer = conn.execute("SELECT t::text FROM chunkq.job_chunks t WHERE id = %s", (chunk_id,)).fetchone()
     before = snapshot(conn)
@@ -99,10 +127,3 @@ def test_reclaim_fails_a_chunk_whose_retries_are_spent(conn):
         "SELECT attempt, worker_id, retried FROM chunkq.chunk_error_history(%s)", (chunk_id,)
     ).fetchall() == [(1, "first", True), (2, "second", False)]
     assert_counters_consistent(conn)
-
-
-def test_operator_complete_without_token(conn):
-    new_job(conn, 500)
-    (chunk_id, _), = claim(conn)
-    row = conn.execute("SELECT chunk_status::text, job_finished FROM chunkq.complete_chunk(%s)", (chunk_id,)).fetchone()
-    assert row == ("completed", True)

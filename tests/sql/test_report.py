@@ -1,16 +1,18 @@
-"""SQL API: what a worker reports about a chunk it holds — heartbeat, complete, fail — and retry."""
+"""SQL API: reports on a held chunk — heartbeat, complete, fail, release, complete_and_claim's completions; retry."""
 
 from __future__ import annotations
+
+import json
 
 import psycopg
 import pytest
 
-from tests.helpers.db import assert_counters_consistent, claim, job_status, new_job, snapshot, statuses
+from tests.helpers.db import FAST, assert_counters_consistent, claim, job_status, new_job, snapshot, statuses
 
 
 def test_heartbeat_extends_the_lease_and_records_task(conn):
     new_job(conn, 500)
-    (chunk_id, attempt), = conn.execute(
+    ((chunk_id, attempt),) = conn.execute(
         "SELECT id, attempt FROM chunkq.claim_chunks('w', 1, NULL, interval '10 s')"
     ).fetchall()
     row = conn.execute(
@@ -23,13 +25,28 @@ def test_heartbeat_extends_the_lease_and_records_task(conn):
 
 def test_complete_returns_outcome(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     outcome = conn.execute(
         "SELECT chunk_id, job_id, chunk_status::text, attempt, job_status::text, job_finished"
         " FROM chunkq.complete_chunk(%s, %s)",
         (chunk_id, attempt),
     ).fetchone()
     assert outcome == (chunk_id, job_id, "completed", 1, "running", False)
+
+
+def test_claim_and_complete_a_job(conn):
+    job_id = new_job(conn, 1500)
+    for chunk_id, attempt in claim(conn, limit=3):
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    assert statuses(conn, job_id) == {"completed": 3}
+    assert_counters_consistent(conn)
+
+
+def test_operator_complete_without_token(conn):
+    new_job(conn, 500)
+    ((chunk_id, _),) = claim(conn)
+    row = conn.execute("SELECT chunk_status::text, job_finished FROM chunkq.complete_chunk(%s)", (chunk_id,)).fetchone()
+    assert row == ("completed", True)
 
 
 @pytest.mark.parametrize("report", ["heartbeat_chunk(%s, NULL)", "complete_chunk(%s)", "fail_chunk(%s, NULL, 'x')"])
@@ -52,7 +69,7 @@ def test_reports_on_unknown_chunk(conn, report):
 
 def test_completing_twice_is_refused_and_counts_once(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
     for token in (attempt, None):
@@ -65,7 +82,7 @@ def test_completing_twice_is_refused_and_counts_once(conn):
 
 def test_fail_without_retry_is_terminal_and_recorded(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn, "w1")
+    ((chunk_id, attempt),) = claim(conn, "w1")
     outcome = conn.execute(
         "SELECT chunk_status::text, retry_count FROM chunkq.fail_chunk(%s, %s, 'HTTP 500')", (chunk_id, attempt)
     ).fetchone()
@@ -87,9 +104,10 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
     new_job(conn, 500, max_retries=3)
     waits = []
     for expected_retry in (1, 2, 3):
-        (chunk_id, attempt), = claim(conn)
+        ((chunk_id, attempt),) = claim(conn)
         row = conn.execute(
-            "SELECT chunk_status::text, retry_count, available_at - now() FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
+            "SELECT chunk_status::text, retry_count, available_at - now()"
+            " FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
             (chunk_id, attempt),
         ).fetchone()
         assert row[:2] == ("pending", expected_retry)
@@ -97,7 +115,7 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
         conn.execute("UPDATE chunkq.job_chunks SET available_at = now()")
     # 10 s doubled per retry, capped at 25 s, plus up to 10 s of jitter.
     assert 10 <= waits[0] <= 20 and 20 <= waits[1] <= 30 and 25 <= waits[2] <= 35
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     row = conn.execute(
         "SELECT chunk_status::text, retry_count, attempt FROM chunkq.fail_chunk(%s, %s, 'flaky', true)",
         (chunk_id, attempt),
@@ -106,6 +124,18 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
     history = conn.execute("SELECT attempt, retried FROM chunkq.chunk_error_history(%s)", (chunk_id,)).fetchall()
     assert history == [(1, True), (2, True), (3, True), (4, False)]
     assert_counters_consistent(conn)
+
+
+def test_fail_with_max_retries_override(conn):
+    new_job(conn, 500, max_retries=5)
+    ((chunk_id, attempt),) = claim(conn)
+    row = conn.execute(
+        "SELECT chunk_status::text, retry_count FROM chunkq.fail_chunk(%s, %s, 'x', true, 0)", (chunk_id, attempt)
+    ).fetchone()
+    assert row == ("failed", 0)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'x', true, -1)", (chunk_id, attempt))
+    assert caught.value.sqlstate == "CQ001"
 
 
 @pytest.mark.parametrize(
@@ -118,14 +148,14 @@ def test_fail_with_retry_backs_off_until_retries_run_out(conn):
 )
 def test_error_messages_of_any_characters(conn, error, stored):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, error))
     assert conn.execute("SELECT error_message FROM chunkq.job_chunks").fetchone()[0] == (stored or error)
 
 
 def test_huge_error_messages_are_cut_with_a_note(conn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, %s)", (chunk_id, attempt, "x" * 5_000_000))
     stored = conn.execute("SELECT error FROM chunkq.chunk_errors").fetchone()[0]
     assert stored.startswith("x" * 10_000)
@@ -133,9 +163,46 @@ def test_huge_error_messages_are_cut_with_a_note(conn):
     assert len(stored) < 10_100
 
 
+def test_release_hands_a_chunk_back_without_spending_a_retry(conn, dsn):
+    new_job(conn, 500)
+    ((chunk_id, attempt),) = claim(conn, "leaving")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN chunkq_claimable")
+        row = conn.execute(
+            "SELECT status::text, retry_count, lease_expires_at, available_at <= now(), worker_id"
+            " FROM chunkq.release_chunk(%s, %s)",
+            (chunk_id, attempt),
+        ).fetchone()
+        assert json.loads(next(listener.notifies(timeout=5)).payload)["chunks"] == 1
+    assert row == ("pending", 0, None, True, "leaving")
+    assert conn.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
+    assert claim(conn, "next") == [(chunk_id, attempt + 1)]
+    with pytest.raises(psycopg.Error) as caught:  # the releasing worker can never report again
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    assert caught.value.sqlstate == "CQ006"
+    assert_counters_consistent(conn)
+
+
+@pytest.mark.parametrize(("state", "sqlstate"), [("pending", "CQ004"), ("stale", "CQ006"), ("unknown", "CQ003")])
+def test_release_refusals(conn, state, sqlstate):
+    new_job(conn, 500)
+    chunk_id = conn.execute("SELECT id FROM chunkq.job_chunks").fetchone()[0]
+    attempt = 0  # never claimed
+    if state == "stale":
+        claim(conn)
+        attempt = 7
+    elif state == "unknown":
+        chunk_id = 99999
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.release_chunk(%s, %s)", (chunk_id, attempt))
+    assert caught.value.sqlstate == sqlstate
+    assert snapshot(conn) == before
+
+
 def test_retry_puts_a_failed_chunk_back(conn):
     job_id = new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     assert job_status(conn, job_id) == "failed"
     row = conn.execute(
@@ -153,7 +220,7 @@ def test_retry_refuses_chunks_that_are_not_failed(conn, state):
     new_job(conn, 500)
     chunk_id = conn.execute("SELECT id FROM chunkq.job_chunks").fetchone()[0]
     if state != "pending":
-        (_, attempt), = claim(conn)
+        ((_, attempt),) = claim(conn)
         if state == "completed":
             conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
@@ -165,7 +232,7 @@ def test_retry_refuses_chunks_that_are_not_failed(conn, state):
 
 def test_retry_refused_in_a_cancelled_job(conn):
     job_id = new_job(conn, 1000)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
     before = snapshot(conn)
@@ -183,9 +250,87 @@ def test_retry_of_unknown_chunk(conn):
 
 def test_retry_notifies(conn, dsn):
     new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN chunkq_claimable")
         conn.execute("SELECT chunkq.retry_chunk(%s)", (chunk_id,))
         assert next(listener.notifies(timeout=5)).channel == "chunkq_claimable"
+
+
+def test_completes_held_chunks_and_claims_the_next_in_one_call(conn):
+    job_id = new_job(conn, 500 * 5)
+    held = claim(conn, "w", limit=2)
+    rows = conn.execute(FAST, ([i for i, _ in held], [a for _, a in held], "w", 2)).fetchall()
+    assert [(status, worker) for _, _, status, worker in rows] == [("processing", "w")] * 2
+    assert {i for i, *_ in rows}.isdisjoint({i for i, _ in held})
+    done = conn.execute("SELECT id FROM chunkq.job_chunks WHERE status = 'completed' ORDER BY id").fetchall()
+    assert done == sorted((i,) for i, _ in held)
+    assert statuses(conn, job_id) == {"completed": 2, "processing": 2, "pending": 1}
+    assert_counters_consistent(conn)
+
+
+def test_complete_and_claim_with_limit_zero_only_completes_and_the_last_completion_finishes_the_job(conn, dsn):
+    job_id = new_job(conn, 500 * 3)
+    held = claim(conn, "w", limit=3)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN chunkq_job_finished")
+        rows = conn.execute(FAST, ([i for i, _ in held], [a for _, a in held], "w", 0)).fetchall()
+        finished = json.loads(next(listener.notifies(timeout=5)).payload)
+    assert rows == []
+    assert finished == {"job_id": job_id, "status": "completed"}
+    assert job_status(conn, job_id) == "completed"
+    assert_counters_consistent(conn)
+
+
+@pytest.mark.parametrize(
+    ("trouble", "sqlstate"),
+    [
+        ("lease lost", "CQ006"),
+        ("already completed", "CQ004"),
+        ("cancelled", "CQ007"),
+        ("unknown", "CQ003"),
+    ],
+)
+def test_one_chunk_not_held_refuses_the_whole_complete_and_claim(conn, trouble, sqlstate):
+    job_id = new_job(conn, 500 * 4)
+    held = claim(conn, "w", limit=2)
+    (good, good_attempt), (bad, bad_attempt) = held
+    if trouble == "lease lost":
+        conn.execute("UPDATE chunkq.job_chunks SET lease_expires_at = now() - interval '1 s' WHERE id = %s", (bad,))
+        conn.execute("SELECT chunkq.reclaim_expired_chunks()")
+    elif trouble == "already completed":
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (bad, bad_attempt))
+    elif trouble == "cancelled":
+        conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    else:
+        bad = 424242
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(FAST, ([good, bad], [good_attempt, bad_attempt], "w", 2))
+    assert caught.value.sqlstate == sqlstate
+    assert snapshot(conn) == before  # neither completed nor claimed anything
+
+
+@pytest.mark.parametrize(
+    ("ids", "attempts", "limit", "message"),
+    [
+        ([1, 2], [1], 1, "same length"),
+        (None, [], 1, "same length"),
+        ([1], [None], 1, "attempt its claim returned"),
+        ([1, 1], [1, 1], 1, "listed twice"),
+        ([], [], -1, "between 0 and 1000"),
+        ([], [], 1001, "between 0 and 1000"),
+        ([], [], None, "between 0 and 1000"),
+    ],
+)
+def test_bad_input_to_complete_and_claim_is_refused_and_changes_nothing(conn, ids, attempts, limit, message):
+    new_job(conn, 500 * 2)
+    held = claim(conn, "w")
+    if ids == [1, 1]:
+        ids, attempts = [held[0][0]] * 2, [held[0][1]] * 2
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error, match=message) as caught:
+        conn.execute(FAST, (ids, attempts, "w", limit))
+    assert caught.value.sqlstate == "CQ001"
+    assert snapshot(conn) == before

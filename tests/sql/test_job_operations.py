@@ -1,4 +1,4 @@
-"""SQL API: creating jobs and their chunks, reading them, cancelling, progress."""
+"""SQL API: job operations — create, chunk, read, cancel, pause/resume, priority, delete, prune; the job reference."""
 
 from __future__ import annotations
 
@@ -54,18 +54,6 @@ def test_create_chunks_with_explicit_size_and_priority(conn):
     ).fetchone()
     assert job == (100, 9, 10, 10)
     assert conn.execute("SELECT DISTINCT priority FROM chunkq.job_chunks").fetchall() == [(9,)]
-
-
-def test_counter_rows_spread_chunks_over_sixteen_slots(conn):
-    job_id = new_job(conn, 500 * 40)
-    slots = conn.execute(
-        "SELECT slot, total, pending FROM chunkq.job_chunk_counts WHERE job_id = %s ORDER BY slot", (job_id,)
-    ).fetchall()
-    assert [s for s, _, _ in slots] == list(range(16))
-    assert [t for _, t, _ in slots] == [3] * 8 + [2] * 8  # 40 chunks: slots 0-7 get indexes s, s+16, s+32
-    assert sum(t for _, t, _ in slots) == 40
-    assert conn.execute("SELECT open_slots FROM chunkq.crawl_jobs WHERE id = %s", (job_id,)).fetchone() == (16,)
-    assert_counters_consistent(conn)
 
 
 def test_create_chunks_notifies_listeners(conn, dsn):
@@ -166,41 +154,29 @@ def test_job_functions_reject_unknown_job(conn, function):
     assert caught.value.sqlstate == "CQ002"
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "pause_job(4242)",
+        "resume_job(4242)",
+        "set_job_priority(4242, 3)",
+        "retry_failed_chunks(4242)",
+        "delete_job(4242)",
+        "job_error_summary(4242)",
+    ],
+)
+def test_unknown_jobs(conn, call):
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(f"SELECT * FROM chunkq.{call}")
+    assert caught.value.sqlstate == "CQ002"
+
+
 def test_list_chunks_filters_by_status(conn):
     job_id = new_job(conn, 1500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     ids = conn.execute("SELECT id FROM chunkq.list_chunks(%s, 'pending')", (job_id,)).fetchall()
     assert len(ids) == 2 and (chunk_id,) not in ids
-
-
-def test_progress_follows_the_chunks(conn):
-    job_id = new_job(conn, 2000)
-
-    def progress():
-        return conn.execute(
-            "SELECT status::text, total_chunks, pending_chunks, processing_chunks, completed_chunks, failed_chunks,"
-            " cancelled_chunks, completion_percentage, is_complete FROM chunkq.job_progress(%s)",
-            (job_id,),
-        ).fetchone()
-
-    assert progress() == ("pending", 4, 4, 0, 0, 0, 0, 0.0, False)
-    (a, att_a), (b, att_b), (c, att_c) = claim(conn, limit=3)
-    assert progress() == ("running", 4, 1, 3, 0, 0, 0, 0.0, False)
-    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (a, att_a))
-    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (b, att_b))
-    assert progress() == ("running", 4, 1, 1, 1, 1, 0, 25.0, False)
-    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (c, att_c))
-    (d, att_d), = claim(conn)
-    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (d, att_d))
-    assert progress() == ("failed", 4, 0, 0, 3, 1, 0, 75.0, True)
-    assert_counters_consistent(conn)
-
-
-def test_progress_of_an_unchunked_job_is_not_complete(conn):
-    job_id = new_job(conn, 1500, chunk=False)
-    row = conn.execute("SELECT total_chunks, is_complete FROM chunkq.job_progress(%s)", (job_id,)).fetchone()
-    assert row == (0, False)
 
 
 def test_cancel_job_cancels_open_chunks_and_keeps_finished_ones(conn):
@@ -226,7 +202,7 @@ def test_cancel_is_idempotent_and_refused_for_finished_jobs(conn):
     assert snapshot(conn) == before
 
     done = new_job(conn, 500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     before = snapshot(conn)
     with pytest.raises(psycopg.Error) as caught:
@@ -243,10 +219,182 @@ def test_cancel_an_unchunked_job(conn):
     assert caught.value.sqlstate == "CQ004"
 
 
+def test_paused_job_is_not_claimed_and_resumes(conn, dsn):
+    paused = new_job(conn, 500 * 4, priority=9)
+    other = new_job(conn, 500 * 2, priority=1)
+    ((held, attempt),) = claim(conn, job_id=paused)
+    row = conn.execute("SELECT paused_at IS NOT NULL, status::text FROM chunkq.pause_job(%s)", (paused,)).fetchone()
+    assert row == (True, "running")
+    assert {job for (job,) in conn.execute("SELECT job_id FROM chunkq.claim_chunks('w', 10)")} == {other}
+    assert claim(conn, job_id=paused) == []
+    # The chunk already running carries on, and a retry of it stays held back.
+    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'flaky', true)", (held, attempt))
+    conn.execute("UPDATE chunkq.job_chunks SET available_at = now() WHERE id = %s", (held,))
+    assert claim(conn, job_id=paused) == []
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN chunkq_claimable")
+        assert conn.execute("SELECT paused_at FROM chunkq.resume_job(%s)", (paused,)).fetchone() == (None,)
+        assert next(listener.notifies(timeout=5)).channel == "chunkq_claimable"
+    assert len(claim(conn, limit=10, job_id=paused)) == 4
+    assert_counters_consistent(conn)
+
+
+def test_pause_and_resume_are_idempotent(conn):
+    job_id = new_job(conn, 1000)
+    first = conn.execute("SELECT paused_at FROM chunkq.pause_job(%s)", (job_id,)).fetchone()
+    before = snapshot(conn)
+    assert conn.execute("SELECT paused_at FROM chunkq.pause_job(%s)", (job_id,)).fetchone() == first
+    assert snapshot(conn) == before
+    conn.execute("SELECT chunkq.resume_job(%s)", (job_id,))
+    before = snapshot(conn)
+    conn.execute("SELECT chunkq.resume_job(%s)", (job_id,))
+    assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("call", ["pause_job(%s)", "resume_job(%s)", "set_job_priority(%s, 3)"])
+@pytest.mark.parametrize("state", ["cancelled", "completed"])
+def test_finished_jobs_refuse_job_operations(conn, call, state):
+    job_id = new_job(conn, 500)
+    if state == "cancelled":
+        conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    else:
+        ((chunk_id, attempt),) = claim(conn)
+        conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(f"SELECT chunkq.{call}", (job_id,))
+    assert caught.value.sqlstate == "CQ004"
+    assert snapshot(conn) == before
+
+
+def test_set_job_priority(conn):
+    job_id = new_job(conn, 1500, priority=2)
+    ((done, attempt),) = claim(conn)
+    conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (done, attempt))
+    assert conn.execute("SELECT priority FROM chunkq.set_job_priority(%s, 8)", (job_id,)).fetchone() == (8,)
+    rows = conn.execute("SELECT status::text, priority FROM chunkq.job_chunks ORDER BY chunk_index").fetchall()
+    assert rows == [("completed", 2), ("pending", 8), ("pending", 8)]
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.set_job_priority(%s, 11)", (job_id,))
+    assert caught.value.sqlstate == "CQ001"
+    assert snapshot(conn) == before
+
+
+def test_delete_job(conn):
+    job_id = new_job(conn, 1000)
+    claim(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT chunkq.delete_job(%s)", (job_id,))
+    assert caught.value.sqlstate == "CQ004"
+    conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    conn.execute("SELECT chunkq.delete_job(%s)", (job_id,))
+    assert statuses(conn, job_id) == {}
+    assert conn.execute("SELECT count(*) FROM chunkq.crawl_jobs").fetchone() == (0,)
+
+
 def test_deleting_a_job_deletes_its_chunks_counters_and_errors(conn):
     job_id = new_job(conn, 1500)
-    (chunk_id, attempt), = claim(conn)
+    ((chunk_id, attempt),) = claim(conn)
     conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
     conn.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (job_id,))
     for table in ("job_chunks", "job_chunk_counts", "chunk_errors"):
         assert conn.execute(f"SELECT count(*) FROM chunkq.{table}").fetchone() == (0,), table
+
+
+def finish_job(conn, job_id, fail=False):
+    for chunk_id, attempt in claim(conn, limit=1000, job_id=job_id):
+        report = "fail_chunk(%s, %s, 'x')" if fail else "complete_chunk(%s, %s)"
+        conn.execute(f"SELECT chunkq.{report}", (chunk_id, attempt))
+
+
+def test_prune_deletes_old_finished_jobs_in_bounded_batches(conn):
+    old = [new_job(conn, 500 * 5) for _ in range(2)]
+    for job_id in old:
+        finish_job(conn, job_id, fail=job_id == old[1])
+    conn.execute("UPDATE chunkq.crawl_jobs SET finished_at = now() - interval '40 days' WHERE id = ANY(%s)", (old,))
+    recent = new_job(conn, 500)
+    finish_job(conn, recent)
+    running = new_job(conn, 500)
+    calls = []
+    while True:
+        result = conn.execute(
+            "SELECT jobs_deleted, chunks_deleted, done FROM chunkq.prune_finished_jobs('30 days', 3)"
+        ).fetchone()
+        calls.append(result)
+        if result[2]:
+            break
+    assert all(chunks <= 3 for _, chunks, _ in calls)
+    assert sum(jobs for jobs, _, _ in calls) == 2 and sum(chunks for _, chunks, _ in calls) == 10
+    assert [j for (j,) in conn.execute("SELECT id FROM chunkq.crawl_jobs ORDER BY id")] == [recent, running]
+    assert conn.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
+    assert_counters_consistent(conn)
+
+
+def test_prune_rejects_bad_arguments(conn):
+    for args in ("'-1 day'", "NULL", "'1 day', 0"):
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(f"SELECT chunkq.prune_finished_jobs({args})")
+        assert caught.value.sqlstate == "CQ001"
+
+
+# The job reference, job_chunks.job_id -> crawl_jobs.id: triggers that check once per statement, with a
+# foreign key's rules.
+INSERT_CHUNK = (
+    "INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority) VALUES (%s, %s, 0, 499, 5)"
+)
+
+
+def chunks_of(conn: psycopg.Connection, job_id: int) -> int:
+    return conn.execute("SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s", (job_id,)).fetchone()[0]
+
+
+def test_a_chunk_of_a_job_that_does_not_exist_is_refused(conn):
+    job_id = new_job(conn, 500)
+    before = snapshot(conn)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="crawl job 424242, which does not exist"):
+        with conn.transaction():  # one statement, one good row and one bad: neither stays
+            conn.execute(
+                "INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)"
+                " VALUES (%s, 7, 0, 499, 5), (424242, 0, 0, 499, 5)",
+                (job_id,),
+            )
+    assert snapshot(conn) == before
+
+
+def test_chunks_cannot_change_job_and_jobs_cannot_change_id(conn):
+    first, second = new_job(conn, 500), new_job(conn, 500)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="cannot move to another job"):
+        conn.execute("UPDATE chunkq.job_chunks SET job_id = %s WHERE job_id = %s", (second, first))
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute("UPDATE chunkq.crawl_jobs SET id = DEFAULT WHERE id = %s", (first,))
+    assert chunks_of(conn, first) == chunks_of(conn, second) == 1
+
+
+def test_deleting_a_job_deletes_its_chunks_and_their_errors(conn):
+    doomed, kept = new_job(conn, 500 * 3), new_job(conn, 500 * 2)
+    chunk_id, attempt = conn.execute("SELECT id, attempt FROM chunkq.claim_chunks('w', 1, %s)", (doomed,)).fetchone()
+    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'boom')", (chunk_id, attempt))
+    conn.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (doomed,))  # by hand, as a DBA would
+    assert chunks_of(conn, doomed) == 0 and chunks_of(conn, kept) == 2
+    assert conn.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
+
+
+def test_a_delete_of_the_job_waits_for_an_insert_of_its_chunks_then_takes_them(dsn, conn):
+    job_id = new_job(conn, 500, chunk=False)
+    deleted = threading.Event()
+    with psycopg.connect(dsn) as inserting:
+        inserting.execute(INSERT_CHUNK, (job_id, 0))  # transaction left open: the job is locked FOR KEY SHARE
+
+        def delete() -> None:
+            with psycopg.connect(dsn, autocommit=True) as deleting:
+                deleting.execute("DELETE FROM chunkq.crawl_jobs WHERE id = %s", (job_id,))
+            deleted.set()
+
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        assert not deleted.wait(1.0), "the delete did not wait for the insert"
+        inserting.commit()
+        deleter.join(10)
+    assert deleted.is_set()
+    assert chunks_of(conn, job_id) == 0  # no orphan left behind
