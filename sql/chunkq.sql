@@ -1810,17 +1810,19 @@ AS $function$
 -- holds the job back. A new reason (a cap, a rate limit...) is one more block.
 DECLARE
     v_job chunkq.crawl_jobs;
-    v_pending bigint;
-    v_processing bigint;
-    v_next timestamptz;
+    v_progress chunkq.job_progress;
+    v_waiting boolean;
     v_ahead smallint;
 BEGIN
     SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
     END IF;
-    SELECT coalesce(sum(k.pending), 0), coalesce(sum(k.processing), 0) INTO v_pending, v_processing
-      FROM chunkq.job_chunk_counts k WHERE k.job_id = p_job_id;
+    -- The counts from the counter rows, and the chunks waiting out a retry (a small index).
+    v_progress := chunkq.job_progress(p_job_id);
+    -- Unpaused, only a chunk that was retried can wait: all pending ones waiting means none may be claimed.
+    v_waiting := v_job.paused_at IS NULL AND v_progress.pending_chunks > 0
+                 AND v_progress.retrying_chunks = v_progress.pending_chunks;
 
     IF v_job.finished_at IS NOT NULL THEN
         RETURN NEXT ('finished', format('the job is %s (since %s); retry_failed_chunks reopens a failed one',
@@ -1833,27 +1835,27 @@ BEGIN
     END IF;
     IF v_job.paused_at IS NOT NULL THEN
         RETURN NEXT ('paused', format('paused since %s: its %s pending chunks wait for resume_job(%s)',
-                                      date_trunc('second', v_job.paused_at), v_pending, p_job_id))::chunkq.job_blocker;
+                                      date_trunc('second', v_job.paused_at), v_progress.pending_chunks,
+                                      p_job_id))::chunkq.job_blocker;
     END IF;
-    IF v_pending > 0 AND v_job.paused_at IS NULL
-       AND NOT EXISTS (SELECT 1 FROM chunkq.job_chunks c
-                        WHERE c.job_id = p_job_id AND c.status = 'pending' AND c.available_at < 'infinity'
-                          AND c.available_at <= now()) THEN
-        SELECT min(c.available_at) INTO v_next FROM chunkq.job_chunks c
-         WHERE c.job_id = p_job_id AND c.status = 'pending' AND c.available_at < 'infinity';
-        RETURN NEXT ('waiting_for_retry', format('all %s pending chunks wait out a retry backoff; the first may be '
-                                                 'claimed again at %s', v_pending, date_trunc('second', v_next)))::chunkq.job_blocker;
+    IF v_waiting THEN
+        RETURN NEXT ('waiting_for_retry',
+                     format('all %s pending chunks wait out a retry backoff; the first may be claimed again at %s',
+                            v_progress.pending_chunks, date_trunc('second', v_progress.next_retry_at))
+                    )::chunkq.job_blocker;
     END IF;
-    IF v_pending > 0 AND v_processing = 0 AND v_job.paused_at IS NULL THEN
+    IF v_progress.pending_chunks > 0 AND v_progress.processing_chunks = 0 AND v_job.paused_at IS NULL
+       AND NOT v_waiting THEN
         SELECT c.priority INTO v_ahead FROM chunkq.job_chunks c
          WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
          ORDER BY c.priority DESC, c.id LIMIT 1;
         IF v_ahead > v_job.priority THEN
-            RETURN NEXT ('behind_higher_priority', format('claimable chunks of priority %s are taken before this '
-                                                          'job''s (priority %s)', v_ahead, v_job.priority))::chunkq.job_blocker;
+            RETURN NEXT ('behind_higher_priority',
+                         format('claimable chunks of priority %s are taken before this job''s (priority %s)',
+                                v_ahead, v_job.priority))::chunkq.job_blocker;
         END IF;
     END IF;
-    IF v_pending > 0 AND NOT EXISTS (SELECT 1 FROM chunkq._connected_workers()) THEN
+    IF v_progress.pending_chunks > 0 AND NOT EXISTS (SELECT 1 FROM chunkq._connected_workers()) THEN
         RETURN NEXT ('no_workers', 'no worker pool is connected to this database')::chunkq.job_blocker;
     END IF;
 END $function$;
