@@ -5,7 +5,7 @@ worker processes, from ``chunkq.sync``. Both are thin: every method is one call
 of a SQL function in the ``chunkq`` schema.
 """
 
-from ._async.repositories import CrawlJobRepository, JobChunkRepository
+from ._async.repositories import CrawlJobRepository, JobChunkRepository, RateLimitRepository
 from ._async.service import JobChunkingService
 from .errors import (
     ChunkCancelled,
@@ -17,7 +17,9 @@ from .errors import (
     LeaseLost,
     NotFound,
     PermissionDenied,
+    RateKeyNotFound,
     SchemaNotMigrated,
+    Throttled,
     ValidationError,
 )
 from .records import (
@@ -39,6 +41,7 @@ from .records import (
     PruneResult,
     QueueDepth,
     QueueStats,
+    RateLimitState,
 )
 from .schema import SCHEMA_VERSION, check_schema, migrate, rollback
 
@@ -72,9 +75,13 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "PruneResult",
+    "RateKeyNotFound",
+    "RateLimitRepository",
+    "RateLimitState",
     "QueueDepth",
     "QueueStats",
     "SchemaNotMigrated",
+    "Throttled",
     "ValidationError",
     "check_schema",
     "migrate",

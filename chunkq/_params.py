@@ -69,3 +69,18 @@ def lease_arrays(held: Iterable[Lease | tuple[int, int]]) -> dict[str, str | Non
 
 def _array(items: list[str]) -> str:
     return "{" + ",".join(items) + "}"
+
+
+#: The limits chunkq.set_job_limits takes.
+JOB_LIMITS = ("max_running", "rate_key", "weight", "max_failed_ratio", "max_failed_chunks", "max_consecutive_failures")
+
+
+def limits_json(limits: dict[str, Any]) -> str:
+    """A job's limits to change, as set_job_limits's JSON object; ValidationError for an unknown one."""
+    unknown = sorted(set(limits) - set(JOB_LIMITS))
+    if unknown:
+        raise ValidationError(f"unknown job limit {unknown[0]!r}: one of {', '.join(JOB_LIMITS)}")
+    try:
+        return json.dumps(limits, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"job limits must be numbers, text or None: {exc}") from exc

@@ -25,6 +25,7 @@ from .records import (
     PruneResult,
     QueueDepth,
     QueueStats,
+    RateLimitState,
     columns,
 )
 
@@ -34,8 +35,18 @@ CHUNK = columns(JobChunk)
 CREATE_JOB = (
     f"SELECT {JOB} FROM chunkq.create_job(%(project_id)s::bigint, %(name)s::text, %(keywords)s::jsonb,"
     " %(max_images)s::bigint, %(priority)s::integer, %(max_retries)s::integer, %(chunk_size)s::integer,"
-    " %(id)s::bigint, %(retry_base_delay)s::interval)"
+    " %(id)s::bigint, %(retry_base_delay)s::interval, %(max_running)s::integer, %(rate_key)s::text,"
+    " %(weight)s::double precision, %(max_failed_ratio)s::double precision, %(max_failed_chunks)s::integer,"
+    " %(max_consecutive_failures)s::integer)"
 )
+SET_JOB_LIMITS = f"SELECT {JOB} FROM chunkq.set_job_limits(%(job_id)s::bigint, %(limits)s::jsonb)"
+SET_RATE_LIMIT = (
+    "SELECT key FROM chunkq.set_rate_limit(%(key)s::text, %(rate)s::double precision, %(burst)s::integer,"
+    " %(max_running)s::integer)"
+)
+DELETE_RATE_LIMIT = "SELECT key FROM chunkq.delete_rate_limit(%(key)s::text)"
+RATE_LIMIT_STATE = f"SELECT {columns(RateLimitState)} FROM chunkq.rate_limit_state ORDER BY key"
+RATE_LIMIT_OF = f"SELECT {columns(RateLimitState)} FROM chunkq.rate_limit_state WHERE key = %(key)s::text"
 GET_JOB = f"SELECT {JOB} FROM chunkq.get_job(%(job_id)s::bigint)"
 CANCEL_JOB = f"SELECT {JOB} FROM chunkq.cancel_job(%(job_id)s::bigint)"
 JOB_PROGRESS = f"SELECT {columns(JobProgress)} FROM chunkq.job_progress(%(job_id)s::bigint)"
@@ -104,6 +115,11 @@ FAIL_CHUNK = (
     f"SELECT {columns(ChunkOutcome)} FROM chunkq.fail_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
     " %(error)s::text, %(retry)s::boolean, %(max_retries)s::integer, %(lease_token)s::uuid)"
 )
+DEFER_CHUNK = (
+    f"SELECT {columns(ChunkOutcome)} FROM chunkq.defer_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"
+    " %(delay)s::interval, %(reason)s::text, %(block_key)s::boolean, %(lease_token)s::uuid)"
+)
+CLAIMABLE_IN = "SELECT chunkq.claimable_in(%(job_id)s::bigint) AS wait"
 RELEASE_CHUNK = (
     f"SELECT {CHUNK} FROM chunkq.release_chunk(%(chunk_id)s::bigint, %(attempt)s::integer, %(lease_token)s::uuid)"
 )

@@ -64,6 +64,14 @@ class ChunkCancelled(LeaseLost):
     """The chunk was cancelled with its job while the caller held it."""
 
 
+class RateKeyNotFound(NotFound):
+    """No limits are set for that rate key."""
+
+
+class Throttled(ChunkqError):
+    """The chunk's job or rate key allows no claim now (its cap, bucket or block): try again later."""
+
+
 class PermissionDenied(ChunkqError):
     """The database role may not do this (see the chunkq_worker / chunkq_reader / chunkq_app roles)."""
 
@@ -81,6 +89,8 @@ ERRORS_BY_SQLSTATE: dict[str, type[ChunkqError]] = {
     "CQ005": JobAlreadyChunked,
     "CQ006": LeaseLost,
     "CQ007": ChunkCancelled,
+    "CQ008": RateKeyNotFound,
+    "CQ009": Throttled,
 }
 
 # Errors that mean "the chunkq schema is not there": no schema, function, table or type.

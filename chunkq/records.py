@@ -62,6 +62,13 @@ class CrawlJob:
     finished_at: datetime | None
     paused_at: datetime | None
     retry_base_delay: timedelta | None  # the job's own retry back-off; None: settings.retry_base_delay
+    weight: float  # share of claims among the jobs of its priority
+    max_running: int | None  # cap on its running chunks
+    rate_key: str | None  # whose chunkq.rate_limits apply
+    max_failed_ratio: float | None  # failure budget: pauses past this share of failed chunks
+    max_failed_chunks: int | None  # failure budget: pauses past this many failed chunks
+    max_consecutive_failures: int | None  # failure budget: pauses after this many failures in a row
+    paused_reason: str | None  # why it is paused: by an operator, or its failure budget
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)
@@ -211,6 +218,7 @@ class ChunkError:
     lease_expired: bool
     retried: bool
     failed_at: datetime
+    deferred: bool  # put back on purpose ("retry after"): no failure, no retry spent
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +258,32 @@ class JobOverview:
     completed_images: int
     chunks_per_second: float | None  # completions over the last one to two minutes
     eta: timedelta | None
+    weight: float
+    max_running: int | None
+    rate_key: str | None
+    paused_reason: str | None
+    retrying_chunks: int  # pending chunks waiting out a retry back-off
+    held_back: str | None  # why its waiting chunks are not claimed (paused, capped, rate key, retry); None: nothing
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitState:
+    """A row of chunkq.rate_limit_state: a rate key's limits, bucket and running chunks."""
+
+    key: str
+    rate: float | None  # chunks per second at most
+    burst: int | None
+    tokens: float | None  # in the bucket now
+    max_running: int | None
+    running_chunks: int
+    pending_chunks: int
+    jobs: int
+    blocked_until: datetime | None
+    blocked_reason: str | None
+    held_back: str | None  # blocked, capped or rate-limited; None: nothing holds it back
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from chunkq.sync import JobChunkingService, JobChunkRepository, CrawlJobRepository
 """
 
-from ._sync.repositories import CrawlJobRepository, JobChunkRepository
+from ._sync.repositories import CrawlJobRepository, JobChunkRepository, RateLimitRepository
 from ._sync.service import JobChunkingService
 
-__all__ = ["CrawlJobRepository", "JobChunkRepository", "JobChunkingService"]
+__all__ = ["CrawlJobRepository", "JobChunkRepository", "JobChunkingService", "RateLimitRepository"]

@@ -18,6 +18,21 @@ class DoNotRetry(Exception):
     """Raise from a handler to fail the chunk at once, without automatic retries."""
 
 
+class RetryAfter(Exception):
+    """Raise from a handler to put the chunk back without spending a retry, not to be claimed again for
+    ``seconds`` (an HTTP 429 or 503 and its Retry-After). The reason is recorded like an error (``chunkq
+    failures`` shows "retry after ...: throttled by site X"). With ``block_key``, no chunk of the job's rate
+    key is claimed for as long either (the key needs limits: ``chunkq limit set KEY``)."""
+
+    def __init__(self, seconds: float, reason: str = "", *, block_key: bool = False) -> None:
+        if not 0 < seconds <= 7 * 24 * 3600:
+            raise ValueError(f"RetryAfter needs more than 0 and at most 7 days of seconds, got {seconds!r}")
+        super().__init__(reason or f"retry after {seconds} s")
+        self.seconds = float(seconds)
+        self.reason = reason
+        self.block_key = block_key
+
+
 @dataclass(frozen=True)
 class ChunkTask(ImageRange):
     """One chunk to process: images ``image_start`` to ``image_end`` inclusive of job ``job_id``."""

@@ -1,24 +1,13 @@
--- chunkq 0001: the chunk queue.
---
--- Everything chunkq does to its data happens in the functions below; the Python
--- client only calls them. A DBA can do the same from psql:
---
---   SELECT * FROM chunkq.create_job(1, 'cats', '["cat"]', 1500000);   -- a crawl job
---   SELECT * FROM chunkq.create_chunks(1);                            -- 3,000 chunks of 500
---   SELECT * FROM chunkq.claim_chunks('me', 10);                      -- take ten
---   SELECT * FROM chunkq.complete_chunk(42, 1);                       -- report one done
---   SELECT * FROM chunkq.job_progress(1);
---
--- Conventions: functions are verb_noun; parameters p_, locals v_; names that start
--- with "_" are internal. Errors carry chunkq's own SQLSTATEs, listed in
--- chunkq.error_codes. Locks are always taken in the order chunk rows -> counter
--- rows (by job, slot) -> job rows (by id), so concurrent calls queue, never deadlock.
--- Job-level operations that can reopen or close a whole job (create_chunks,
--- retry_chunk, cancel_job) first take a per-job advisory lock so they cannot
--- interleave with each other. The functions a worker calls for every chunk run
--- with plan_cache_mode = force_generic_plan: their statements are simple key
--- lookups, and re-planning them on every call (which the plan cache otherwise
--- chose) cost more than executing them.
+-- chunkq 0001: the chunk queue. Its tables and the SQL API that changes them:
+-- create a job and its chunks, claim, heartbeat, complete, fail, retry, reclaim,
+-- progress, cancel. The Python client only calls these functions, so a DBA can do
+-- from psql whatever it does.
+-- Conventions: functions verb_noun, parameters p_, locals v_, "_" for internal
+-- names; errors carry chunkq's own SQLSTATEs (chunkq.error_codes).
+-- Lock order, kept everywhere so that concurrent calls queue instead of
+-- deadlocking: chunk rows -> counter rows by (job, slot) -> job rows; job-level
+-- operations first take a per-job advisory lock (docs/architecture.md).
+-- The per-chunk functions use generic plans: re-planning cost more than running.
 -- depends:
 
 CREATE SCHEMA chunkq;

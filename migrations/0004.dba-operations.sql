@@ -481,12 +481,11 @@ COMMENT ON FUNCTION chunkq.prune_finished_jobs(interval, integer) IS
     'A job being pruned keeps its counts until its last chunk goes.';
 
 -- ---------------------------------------------------------------------------
--- Storage parameters, chosen by measurement (bench/bloat.py; see docs/dba.md):
--- job_chunks: vacuum after 2 % of the table died rather than 20 %, without
--- pausing (a million claim/complete cycles peaked at 119k dead rows instead of
--- 302k). No fillfactor: every update changes status, which the partial indexes
--- name, so no update is HOT and free room on the page only made the heap 12 %
--- larger. The counter rows are updated on every status change, all HOT, on a
+-- Storage parameters, chosen by measurement (bench/bloat.py; the figures are in
+-- CHANGELOG.md and docs/dba.md). job_chunks: vacuum after 2 % of the table died
+-- rather than 20 %, without pausing. No fillfactor: every update changes status,
+-- which the partial indexes name, so no update is HOT and free room on a page is
+-- only wasted. The counter rows are updated on every status change, all HOT, on a
 -- tiny table: room on each page for their new versions, and vacuum every 1,000.
 -- ---------------------------------------------------------------------------
 

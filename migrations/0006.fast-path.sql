@@ -1,13 +1,12 @@
 -- chunkq 0006: the fast path.
 -- 1. complete_and_claim reports the chunks a worker has finished and claims its
 --    next ones in one call: one round trip and one commit per batch instead of one
---    per chunk and per claim. The worker pool uses it; the single-chunk calls
---    (complete_chunk, claim_chunks) stay as they were.
+--    per chunk and per claim. The single-chunk calls stay as they were.
 -- 2. _apply_chunk_moves books a whole batch in one statement instead of one per
 --    counter row.
--- 3. job_chunks.job_id is checked once per statement instead of once per row:
---    create_chunks inserts hundreds of thousands of rows at a time, and the
---    foreign key's per-row trigger was half of its cost. Same rule, same locks.
+-- 3. job_chunks.job_id is checked by triggers once per statement instead of by a
+--    foreign key once per row, because create_chunks inserts many rows at a time.
+--    Same rule, same locks. Measurements: CHANGELOG.md.
 -- depends: 0005.roles
 
 -- (3) The job reference, statement by statement. Inserting chunks locks their jobs

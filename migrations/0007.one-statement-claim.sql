@@ -1,20 +1,14 @@
--- chunkq 0007: the claim in one statement.
--- 1. complete_and_claim and claim_chunks share _complete_and_claim, which
---    completes the reported chunks, picks and leases the next ones and collects
---    their status moves in ONE statement, then books the moves in one more. It
---    replaces _claim, which spent about ten statements and four nested calls on
---    the same work. Server CPU per chunk against 0006 (python -m bench.hot_path):
---    0.68x for one chunk per call and 0.53x for 100 on a job just created (with
---    (3) and (5)), 0.89x and 0.95x when the table was analyzed by hand.
--- 2. The claim checks a job's pause once per statement instead of calling a SQL
---    function per candidate chunk (_job_paused, re-planned on every call).
--- 3. "Has any lease expired?" is asked as min(lease_expires_at), which reads one
---    entry of job_chunks_lease_expiry whatever the statistics say. Asked with
---    EXISTS, a table not analyzed since its chunks were created (autovacuum off,
---    or not yet run) made every claim scan the whole table.
+-- chunkq 0007: the claim in one statement, and plans that fit the table.
+-- 1. _complete_and_claim, behind complete_and_claim and claim_chunks, completes,
+--    picks, leases and collects the status moves in ONE statement (_claim took
+--    about ten statements and four nested calls).
+-- 2. The claim checks a job's pause once per statement, not per candidate chunk.
+-- 3. "Has any lease expired?" is min(lease_expires_at): one index entry whatever
+--    the statistics say, where EXISTS scanned the table on stale statistics.
 -- 4. _apply_chunk_moves calls _settle_job only for the jobs it can move along.
 -- 5. create_chunks analyzes the queue's tables when its job is large next to them.
 -- 6. The trigger that checks inserted chunks' jobs reads them once, not twice.
+-- Measurements: CHANGELOG.md (schema 7).
 -- depends: 0006.fast-path
 
 -- (3) in the reclaim itself, which reclaim_expired_chunks calls on its own.

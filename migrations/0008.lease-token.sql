@@ -1,15 +1,10 @@
 -- chunkq 0008: the lease token. A report on a chunk must carry something only
--- its claimer has.
---
--- The attempt a claim returns fences off a stale worker (one whose lease lapsed
--- and whose chunk was claimed again), but it is a small counter, not a secret:
--- any login with chunkq_worker could complete another worker's chunk by passing
--- attempt 1. Every claim now also draws a random lease token (a uuid) and returns
--- it with the chunk; heartbeat, complete, fail and release must present it along
--- with the attempt. A report without it, or with another one, is refused like a
--- stale one (CQ006). chunkq_app, a superuser or the schema's owner may still
--- report without it (an operator by hand, as with a NULL attempt). Readers never
--- see a token: get_chunk, list_chunks and failed_chunks return it as NULL.
+-- its claimer has. The attempt fences off a stale worker, but it is a small
+-- counter that any chunkq_worker login can guess. Every claim now also draws a
+-- random lease token (a uuid) that heartbeat, complete, fail and release must
+-- present with the attempt; without it, or with another one, a report is refused
+-- like a stale one (CQ006). chunkq_app, a superuser or the schema's owner may
+-- still report without it. Readers never see a token.
 --
 -- Upgrading: stop the worker pools before applying this migration (they hand
 -- their chunks back). A worker from before it cannot report on chunks it claims

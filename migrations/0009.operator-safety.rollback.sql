@@ -141,5 +141,30 @@ DROP INDEX chunkq.job_chunks_retry_wait;
 ALTER TABLE chunkq.crawl_jobs DROP CONSTRAINT crawl_jobs_retry_base_delay_not_negative;
 ALTER TABLE chunkq.crawl_jobs DROP COLUMN retry_base_delay;
 
+CREATE OR REPLACE FUNCTION chunkq.delete_job(p_job_id bigint)
+ RETURNS chunkq.crawl_jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $$
+DECLARE
+    v_job chunkq.crawl_jobs;
+BEGIN
+    PERFORM chunkq._lock_job(p_job_id);
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
+    END IF;
+    IF v_job.status = 'running' THEN
+        RAISE EXCEPTION 'crawl job % is running: cancel it first (chunkq.cancel_job)', p_job_id
+            USING ERRCODE = 'CQ004';
+    END IF;
+    DELETE FROM chunkq.crawl_jobs WHERE id = p_job_id;
+    RETURN v_job;
+END $$;
+COMMENT ON FUNCTION chunkq.delete_job(bigint) IS
+    'Deletes a job that is not running, with its chunks, counters and error history; returns the deleted row. A '
+    'running job must be cancelled first (CQ004), so no worker is left holding a chunk that vanished.';
+
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 8';

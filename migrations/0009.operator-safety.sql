@@ -8,6 +8,8 @@
 -- 3. job_progress says how many chunks wait for a retry and when the next one is
 --    due, from a small index of retried chunks, so that a live view can say what a
 --    job near its end is waiting for.
+-- 4. delete_job refuses a job with a chunk being processed, whatever the job's
+--    status says (a job's first claim may leave it pending for a moment).
 -- depends: 0008.lease-token
 
 ALTER TABLE chunkq.crawl_jobs ADD COLUMN retry_base_delay interval;
@@ -126,16 +128,20 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
-                                   retry_base_delay)
-    OVERRIDING SYSTEM VALUE
-    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
-            coalesce(p_keywords, '[]'::jsonb), p_max_images,
-            coalesce(p_chunk_size, v_settings.chunk_size),
-            coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries),
-            p_retry_base_delay)
-    RETURNING * INTO v_job;
+    BEGIN
+        INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                       retry_base_delay)
+        OVERRIDING SYSTEM VALUE
+        VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+                coalesce(p_keywords, '[]'::jsonb), p_max_images,
+                coalesce(p_chunk_size, v_settings.chunk_size),
+                coalesce(p_priority, v_settings.default_priority),
+                coalesce(p_max_retries, v_settings.default_max_retries),
+                p_retry_base_delay)
+        RETURNING * INTO v_job;
+    EXCEPTION WHEN unique_violation THEN  -- the same id, created by a concurrent call since the check above
+        RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+    END;
     -- A given id is taken from the ids the table would hand out, so that a job created
     -- later without one can never collide with it.
     IF p_id IS NOT NULL THEN
@@ -192,6 +198,29 @@ END $$;
 COMMENT ON FUNCTION chunkq.job_progress(bigint) IS
     'Chunk counts by status for one job, from job_chunk_counts (at most 16 rows read, however large the job), and '
     'how many pending chunks wait out a retry back-off (retrying_chunks) with the moment the next one is due.';
+
+CREATE OR REPLACE FUNCTION chunkq.delete_job(p_job_id bigint) RETURNS chunkq.crawl_jobs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_job chunkq.crawl_jobs;
+BEGIN
+    PERFORM chunkq._lock_job(p_job_id);
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
+    END IF;
+    IF v_job.status = 'running'
+       OR EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = p_job_id AND k.processing > 0) THEN
+        RAISE EXCEPTION 'crawl job % is running: cancel it first (chunkq.cancel_job)', p_job_id
+            USING ERRCODE = 'CQ004';
+    END IF;
+    DELETE FROM chunkq.crawl_jobs WHERE id = p_job_id;
+    RETURN v_job;
+END $$;
+COMMENT ON FUNCTION chunkq.delete_job(bigint) IS
+    'Deletes a job that is not running, with its chunks, counters and error history; returns the deleted row. A '
+    'job with a chunk being processed must be cancelled first (CQ004), so no worker is left holding a chunk that '
+    'vanished.';
 
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 9';

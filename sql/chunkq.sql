@@ -80,8 +80,8 @@ CREATE TYPE chunkq.job_blocker AS (
     detail text
 );
 COMMENT ON TYPE chunkq.job_blocker IS
-    'Why a job is not moving: a reason code (finished, not_chunked, paused, waiting_for_retry, '
-    'behind_higher_priority, no_workers) and a sentence about this job. See job_blockers().';
+    'Why a job is not moving: a reason code (finished, not_chunked, paused, capped, rate_limited, '
+    'waiting_for_retry, behind_higher_priority, no_workers) and a sentence about this job. See job_blockers().';
 GRANT USAGE ON TYPE chunkq.job_blocker TO PUBLIC;
 
 CREATE TYPE chunkq.job_error_summary AS (
@@ -188,6 +188,7 @@ CREATE TABLE chunkq.chunk_errors (
     lease_expired boolean NOT NULL DEFAULT false,
     retried boolean NOT NULL,
     failed_at timestamp with time zone NOT NULL DEFAULT now(),
+    deferred boolean NOT NULL DEFAULT false,
     CONSTRAINT chunk_errors_chunk_id_fkey FOREIGN KEY (chunk_id) REFERENCES chunkq.job_chunks(id) ON DELETE CASCADE,
     CONSTRAINT chunk_errors_pkey PRIMARY KEY (id)
 );
@@ -202,6 +203,9 @@ COMMENT ON COLUMN chunkq.chunk_errors.lease_expired IS
     'True when the attempt was abandoned (its lease expired and it was reclaimed) rather than reported as failed.';
 COMMENT ON COLUMN chunkq.chunk_errors.retried IS 'Whether the chunk was put back to pending after this error.';
 COMMENT ON COLUMN chunkq.chunk_errors.failed_at IS 'When the error was recorded.';
+COMMENT ON COLUMN chunkq.chunk_errors.deferred IS
+    'True when the attempt was put back on purpose (defer_chunk: "retry after", e.g. HTTP 429), which spends no '
+    'retry and is no failure.';
 
 CREATE INDEX chunk_errors_by_chunk ON chunkq.chunk_errors USING btree (chunk_id, attempt);
 COMMENT ON INDEX chunkq.chunk_errors_by_chunk IS 'Error history of one chunk.';
@@ -230,18 +234,34 @@ CREATE TABLE chunkq.crawl_jobs (
     finished_at timestamp with time zone,
     paused_at timestamp with time zone,
     retry_base_delay interval,
+    weight real NOT NULL DEFAULT 1,
+    max_running integer,
+    rate_key text,
+    max_failed_ratio real,
+    max_failed_chunks integer,
+    max_consecutive_failures integer,
+    limited boolean NOT NULL DEFAULT false,
+    paused_reason text,
+    budget_reset_at timestamp with time zone,
     CONSTRAINT crawl_jobs_chunk_count_matches CHECK (chunked_at IS NULL AND total_chunks = 0 OR chunked_at IS NOT NULL AND total_chunks = ((max_images + chunk_size - 1) / chunk_size)),
     CONSTRAINT crawl_jobs_chunk_size_positive CHECK (chunk_size > 0),
     CONSTRAINT crawl_jobs_finished_iff_final CHECK ((status = ANY (ARRAY['completed'::chunkq.job_status, 'failed'::chunkq.job_status, 'cancelled'::chunkq.job_status])) = (finished_at IS NOT NULL)),
+    CONSTRAINT crawl_jobs_max_consecutive_failures_positive CHECK (max_consecutive_failures >= 1),
+    CONSTRAINT crawl_jobs_max_failed_chunks_positive CHECK (max_failed_chunks >= 1),
+    CONSTRAINT crawl_jobs_max_failed_ratio_in_range CHECK (max_failed_ratio > 0::double precision AND max_failed_ratio <= 1::double precision),
     CONSTRAINT crawl_jobs_max_images_positive CHECK (max_images > 0),
     CONSTRAINT crawl_jobs_max_retries_not_negative CHECK (max_retries >= 0),
+    CONSTRAINT crawl_jobs_max_running_positive CHECK (max_running >= 1),
     CONSTRAINT crawl_jobs_name_not_blank CHECK (btrim(name) <> ''::text AND length(name) <= 500),
     CONSTRAINT crawl_jobs_open_slots_in_range CHECK (open_slots >= 0 AND open_slots <= LEAST(total_chunks, chunkq._counter_slots())),
     CONSTRAINT crawl_jobs_paused_only_while_open CHECK (paused_at IS NULL OR finished_at IS NULL),
+    CONSTRAINT crawl_jobs_paused_reason_only_when_paused CHECK (paused_reason IS NULL OR paused_at IS NOT NULL),
     CONSTRAINT crawl_jobs_pkey PRIMARY KEY (id),
     CONSTRAINT crawl_jobs_priority_not_negative CHECK (priority >= 0),
+    CONSTRAINT crawl_jobs_rate_key_valid CHECK (btrim(rate_key) <> ''::text AND length(rate_key) <= 200),
     CONSTRAINT crawl_jobs_retry_base_delay_not_negative CHECK (retry_base_delay >= '00:00:00'::interval),
-    CONSTRAINT crawl_jobs_running_has_started CHECK (status <> 'running'::chunkq.job_status OR started_at IS NOT NULL)
+    CONSTRAINT crawl_jobs_running_has_started CHECK (status <> 'running'::chunkq.job_status OR started_at IS NOT NULL),
+    CONSTRAINT crawl_jobs_weight_in_range CHECK (weight > 0::double precision AND weight <= 1000::double precision)
 );
 COMMENT ON TABLE chunkq.crawl_jobs IS
     'A crawl job: up to max_images images to fetch, split by create_chunks into chunks of chunk_size images. Its '
@@ -273,12 +293,39 @@ COMMENT ON COLUMN chunkq.crawl_jobs.paused_at IS
 COMMENT ON COLUMN chunkq.crawl_jobs.retry_base_delay IS
     'Wait before the first automatic retry of a failed chunk of this job, doubled per retry up to '
     'settings.retry_max_delay; NULL takes settings.retry_base_delay.';
+COMMENT ON COLUMN chunkq.crawl_jobs.weight IS
+    'Share of claims among the jobs of its priority that have work: a job of weight 2 gets twice the claims of a '
+    'job of weight 1.';
+COMMENT ON COLUMN chunkq.crawl_jobs.max_running IS
+    'At most this many of the job''s chunks are processing at once; NULL: no cap.';
+COMMENT ON COLUMN chunkq.crawl_jobs.rate_key IS
+    'The site, API or tenant the job''s chunks hit; the limits of chunkq.rate_limits for this key hold across every '
+    'job that names it.';
+COMMENT ON COLUMN chunkq.crawl_jobs.max_failed_ratio IS
+    'Failure budget: once more than this share of the job''s chunks failed for good, the job pauses itself.';
+COMMENT ON COLUMN chunkq.crawl_jobs.max_failed_chunks IS
+    'Failure budget: once more than this many of the job''s chunks failed for good, the job pauses itself.';
+COMMENT ON COLUMN chunkq.crawl_jobs.max_consecutive_failures IS
+    'Failure budget: once this many attempts failed in a row with no chunk completed in between, the job pauses '
+    'itself (a dead site).';
+COMMENT ON COLUMN chunkq.crawl_jobs.limited IS
+    'Internal: the job has a cap or a rate_key with limits, so its chunks are claimed through the limited path.';
+COMMENT ON COLUMN chunkq.crawl_jobs.paused_reason IS
+    'Why the job is paused: by an operator, or its failure budget (what tripped it).';
+COMMENT ON COLUMN chunkq.crawl_jobs.budget_reset_at IS
+    'When the job was last resumed: consecutive failures count from here (or the last completion, if later).';
 
 CREATE INDEX crawl_jobs_by_project ON chunkq.crawl_jobs USING btree (project_id);
 COMMENT ON INDEX chunkq.crawl_jobs_by_project IS 'The application''s lookups of a project''s jobs.';
 
+CREATE INDEX crawl_jobs_by_rate_key ON chunkq.crawl_jobs USING btree (rate_key) WHERE ((rate_key IS NOT NULL) AND (finished_at IS NULL));
+COMMENT ON INDEX chunkq.crawl_jobs_by_rate_key IS 'The unfinished jobs of a rate key.';
+
 CREATE INDEX crawl_jobs_finished ON chunkq.crawl_jobs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
 COMMENT ON INDEX chunkq.crawl_jobs_finished IS 'Finished jobs by age, for prune_finished_jobs.';
+
+CREATE INDEX crawl_jobs_limited ON chunkq.crawl_jobs USING btree (priority DESC, id) WHERE (limited AND (finished_at IS NULL) AND (paused_at IS NULL));
+COMMENT ON INDEX chunkq.crawl_jobs_limited IS 'The limited jobs a claim may take chunks of.';
 
 CREATE TRIGGER crawl_jobs_delete_chunks AFTER DELETE ON chunkq.crawl_jobs REFERENCING OLD TABLE AS deleted_jobs FOR EACH STATEMENT EXECUTE FUNCTION chunkq._delete_chunks_of_jobs();
 COMMENT ON TRIGGER crawl_jobs_delete_chunks ON chunkq.crawl_jobs IS
@@ -315,6 +362,7 @@ CREATE TABLE chunkq.job_chunk_counts (
     rate_minute timestamp with time zone,
     completed_this_minute integer NOT NULL DEFAULT 0,
     completed_last_minute integer NOT NULL DEFAULT 0,
+    last_completed_at timestamp with time zone,
     CONSTRAINT job_chunk_counts_add_up CHECK ((pending + processing + completed + failed + cancelled) = total),
     CONSTRAINT job_chunk_counts_job_id_fkey FOREIGN KEY (job_id) REFERENCES chunkq.crawl_jobs(id) ON DELETE CASCADE,
     CONSTRAINT job_chunk_counts_not_negative CHECK (pending >= 0 AND processing >= 0 AND completed >= 0 AND failed >= 0 AND cancelled >= 0),
@@ -337,6 +385,8 @@ COMMENT ON COLUMN chunkq.job_chunk_counts.rate_minute IS 'The minute of this row
 COMMENT ON COLUMN chunkq.job_chunk_counts.completed_this_minute IS 'Completions counted here during rate_minute.';
 COMMENT ON COLUMN chunkq.job_chunk_counts.completed_last_minute IS
     'Completions counted here the minute before rate_minute.';
+COMMENT ON COLUMN chunkq.job_chunk_counts.last_completed_at IS
+    'When the last chunk this row counts was completed (for the failure budget''s failures in a row).';
 
 CREATE TABLE chunkq.job_chunks (
     id bigint NOT NULL GENERATED ALWAYS AS IDENTITY,
@@ -358,6 +408,8 @@ CREATE TABLE chunkq.job_chunks (
     heartbeat_at timestamp with time zone,
     finished_at timestamp with time zone,
     lease_token uuid,
+    vpos double precision NOT NULL DEFAULT 0,
+    limited boolean NOT NULL DEFAULT false,
     CONSTRAINT job_chunks_completed_was_claimed CHECK (status <> 'completed'::chunkq.chunk_status OR attempt > 0),
     CONSTRAINT job_chunks_counts_not_negative CHECK (attempt >= 0 AND retry_count >= 0),
     CONSTRAINT job_chunks_failed_has_error CHECK (status <> 'failed'::chunkq.chunk_status OR error_message IS NOT NULL),
@@ -404,14 +456,22 @@ COMMENT ON COLUMN chunkq.job_chunks.lease_token IS
     'Random token drawn by each claim and returned only to the claimer: heartbeat, complete, fail and release must '
     'present it with the attempt, so a worker cannot report on a chunk another worker holds. The read functions '
     '(get_chunk, list_chunks, failed_chunks) return it as NULL.';
+COMMENT ON COLUMN chunkq.job_chunks.vpos IS
+    'Virtual position for fair share: the job''s start + chunk_index / weight. Claims take the lowest within a '
+    'priority, so jobs with work take turns.';
+COMMENT ON COLUMN chunkq.job_chunks.limited IS
+    'Internal: the chunk''s job is limited (a cap or a limited rate_key): it is claimed apart, under the limits.';
 
-CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks USING btree (priority DESC, id) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone));
+CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks USING btree (priority DESC, vpos, id) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone) AND (NOT limited));
 COMMENT ON INDEX chunkq.job_chunks_claim_order IS
-    'Claim order over claimable chunks: priority, then age. Chunks of paused jobs (available_at = infinity) are '
-    'left out.';
+    'Claim order over claimable chunks of unlimited jobs: priority, then fair-share position.';
 
 CREATE INDEX job_chunks_claim_order_by_job ON chunkq.job_chunks USING btree (job_id, priority DESC, id) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone));
 COMMENT ON INDEX chunkq.job_chunks_claim_order_by_job IS 'Claim order within one job.';
+
+CREATE INDEX job_chunks_claim_order_limited ON chunkq.job_chunks USING btree (priority DESC, vpos) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone) AND limited);
+COMMENT ON INDEX chunkq.job_chunks_claim_order_limited IS
+    'The front of each priority among claimable chunks of limited jobs (they are claimed job by job).';
 
 CREATE INDEX job_chunks_failed_by_job ON chunkq.job_chunks USING btree (job_id, chunk_index) WHERE (status = 'failed'::chunkq.chunk_status);
 COMMENT ON INDEX chunkq.job_chunks_failed_by_job IS 'Lists a job''s failed chunks.';
@@ -429,6 +489,37 @@ COMMENT ON TRIGGER job_chunks_job_exists ON chunkq.job_chunks IS
 
 CREATE TRIGGER job_chunks_job_id_fixed BEFORE UPDATE OF job_id ON chunkq.job_chunks FOR EACH ROW WHEN (new.job_id IS DISTINCT FROM old.job_id) EXECUTE FUNCTION chunkq._refuse_job_change();
 COMMENT ON TRIGGER job_chunks_job_id_fixed ON chunkq.job_chunks IS 'A chunk belongs to its job for good.';
+
+CREATE TABLE chunkq.rate_limits (
+    key text NOT NULL,
+    rate double precision,
+    burst integer,
+    max_running integer,
+    tokens double precision NOT NULL,
+    refilled_at timestamp with time zone NOT NULL DEFAULT now(),
+    blocked_until timestamp with time zone,
+    blocked_reason text,
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    CONSTRAINT rate_limits_burst_needs_rate CHECK (burst IS NULL OR rate IS NOT NULL),
+    CONSTRAINT rate_limits_burst_positive CHECK (burst >= 1 AND burst <= 1000000),
+    CONSTRAINT rate_limits_key_valid CHECK (btrim(key) <> ''::text AND length(key) <= 200),
+    CONSTRAINT rate_limits_max_running_positive CHECK (max_running >= 1),
+    CONSTRAINT rate_limits_pkey PRIMARY KEY (key),
+    CONSTRAINT rate_limits_rate_positive CHECK (rate > 0::double precision AND rate <= 1000000::double precision)
+);
+COMMENT ON TABLE chunkq.rate_limits IS
+    'Limits of a rate key, across every job that names it: a token bucket (at most rate chunks per second, in '
+    'bursts of at most burst) and a cap on running chunks. Change them with set_rate_limit / delete_rate_limit.';
+COMMENT ON COLUMN chunkq.rate_limits.key IS 'The key jobs name in crawl_jobs.rate_key.';
+COMMENT ON COLUMN chunkq.rate_limits.rate IS 'Chunks claimed per second at most, on average; NULL: no rate limit.';
+COMMENT ON COLUMN chunkq.rate_limits.burst IS 'Chunks that may be claimed at once after a quiet spell (bucket size).';
+COMMENT ON COLUMN chunkq.rate_limits.max_running IS 'Chunks of the key processing at once at most; NULL: no cap.';
+COMMENT ON COLUMN chunkq.rate_limits.tokens IS 'Tokens in the bucket at refilled_at (claims take one per chunk).';
+COMMENT ON COLUMN chunkq.rate_limits.refilled_at IS 'When tokens was last brought up to date.';
+COMMENT ON COLUMN chunkq.rate_limits.blocked_until IS
+    'No chunk of the key is claimed before this (a handler''s "retry after").';
+COMMENT ON COLUMN chunkq.rate_limits.blocked_reason IS 'Why the key is blocked, as the handler said.';
+COMMENT ON COLUMN chunkq.rate_limits.updated_at IS 'When the limits were last set.';
 
 CREATE TABLE chunkq.settings (
     singleton boolean NOT NULL DEFAULT true,
@@ -565,7 +656,20 @@ CREATE VIEW chunkq.job_overview AS
         CASE
             WHEN j.finished_at IS NULL AND r.chunks_per_second > 0::double precision THEN (COALESCE(k.pending, 0) + COALESCE(k.processing, 0))::double precision / r.chunks_per_second * '00:00:01'::interval
             ELSE NULL::interval
-        END AS eta
+        END AS eta,
+    j.weight,
+    j.max_running,
+    j.rate_key,
+    j.paused_reason,
+    w.retrying AS retrying_chunks,
+        CASE
+            WHEN j.finished_at IS NOT NULL OR COALESCE(k.pending, 0) = 0 THEN NULL::text
+            WHEN j.paused_at IS NOT NULL THEN 'paused: '::text || COALESCE(j.paused_reason, 'by an operator'::text)
+            WHEN j.max_running IS NOT NULL AND COALESCE(k.processing, 0) >= j.max_running THEN format('capped: %s of max_running %s'::text, k.processing, j.max_running)
+            WHEN l.held_back IS NOT NULL THEN format('rate key %s %s'::text, j.rate_key, l.held_back)
+            WHEN w.retrying >= COALESCE(k.pending, 0) THEN format('waiting to retry: %s chunks, next at %s'::text, w.retrying, w.next_at)
+            ELSE NULL::text
+        END AS held_back
    FROM chunkq.crawl_jobs j
      LEFT JOIN LATERAL ( SELECT sum(c.pending)::integer AS pending,
             sum(c.processing)::integer AS processing,
@@ -581,11 +685,18 @@ CREATE VIEW chunkq.job_overview AS
            FROM chunkq.job_chunk_counts c
           WHERE c.job_id = j.id) k ON true
      LEFT JOIN LATERAL ( SELECT round(COALESCE(k.recent, 0::bigint)::numeric / GREATEST(1.0, LEAST(60::numeric + EXTRACT(epoch FROM now() - date_trunc('minute'::text, now())), EXTRACT(epoch FROM now() - j.started_at))), 2)::double precision AS chunks_per_second
-          WHERE j.started_at IS NOT NULL) r ON true;
+          WHERE j.started_at IS NOT NULL) r ON true
+     LEFT JOIN LATERAL ( SELECT count(*)::integer AS retrying,
+            min(c.available_at) AS next_at
+           FROM chunkq.job_chunks c
+          WHERE c.job_id = j.id AND c.status = 'pending'::chunkq.chunk_status AND c.retry_count > 0 AND c.available_at > now() AND c.available_at < 'infinity'::timestamp with time zone AND j.finished_at IS NULL) w ON true
+     LEFT JOIN chunkq.rate_limit_state l ON l.key = j.rate_key AND j.finished_at IS NULL;
 COMMENT ON VIEW chunkq.job_overview IS
     'Every job with its chunk counts by status, completion percentage, images done, completion rate over the last '
-    'one to two minutes and ETA (from job_chunk_counts: cheap per job). Example: SELECT * FROM chunkq.job_overview '
-    'WHERE status = ''running'';';
+    'one to two minutes, ETA, its scheduling options, and what holds it back (held_back) when it has chunks '
+    'waiting but none is claimable: paused (and why), capped, its rate key, or every pending chunk waiting out a '
+    'retry. From job_chunk_counts: cheap per job. Example: SELECT id, held_back FROM chunkq.job_overview WHERE id '
+    '= 42;';
 COMMENT ON COLUMN chunkq.job_overview.id IS 'Job id.';
 COMMENT ON COLUMN chunkq.job_overview.project_id IS 'The application''s project.';
 COMMENT ON COLUMN chunkq.job_overview.name IS 'Job name.';
@@ -607,6 +718,14 @@ COMMENT ON COLUMN chunkq.job_overview.completed_images IS 'Images in completed c
 COMMENT ON COLUMN chunkq.job_overview.chunks_per_second IS
     'Completions per second over the previous minute and this one so far (NULL before the job starts).';
 COMMENT ON COLUMN chunkq.job_overview.eta IS 'Pending and processing chunks at that rate; NULL when nothing moves.';
+COMMENT ON COLUMN chunkq.job_overview.weight IS 'The job''s share of claims among the jobs of its priority.';
+COMMENT ON COLUMN chunkq.job_overview.max_running IS 'Cap on the job''s running chunks (NULL: none).';
+COMMENT ON COLUMN chunkq.job_overview.rate_key IS 'The rate key whose limits apply (NULL: none).';
+COMMENT ON COLUMN chunkq.job_overview.paused_reason IS 'Why the job is paused, if it is.';
+COMMENT ON COLUMN chunkq.job_overview.retrying_chunks IS 'Pending chunks waiting out a retry back-off.';
+COMMENT ON COLUMN chunkq.job_overview.held_back IS
+    'Why the job''s waiting chunks are not being claimed, if something holds them all back: paused (why), capped, '
+    'rate key blocked / capped / rate-limited, waiting to retry. NULL: nothing does.';
 GRANT SELECT ON TABLE chunkq.job_overview TO chunkq_reader;
 
 CREATE VIEW chunkq.live_workers AS
@@ -664,6 +783,50 @@ COMMENT ON COLUMN chunkq.queue_depth.claimable_chunks IS 'Of those, how many a c
 COMMENT ON COLUMN chunkq.queue_depth.oldest_pending_age IS 'Age of the oldest pending chunk of this priority.';
 GRANT SELECT ON TABLE chunkq.queue_depth TO chunkq_reader;
 
+CREATE VIEW chunkq.rate_limit_state AS
+ SELECT r.key,
+    r.rate,
+    r.burst,
+        CASE
+            WHEN r.rate IS NULL THEN NULL::double precision
+            ELSE LEAST(r.burst::double precision, r.tokens + r.rate * EXTRACT(epoch FROM clock_timestamp() - r.refilled_at)::double precision)
+        END AS tokens,
+    r.max_running,
+    COALESCE(k.running, 0::bigint)::integer AS running_chunks,
+    COALESCE(k.pending, 0::bigint)::integer AS pending_chunks,
+    COALESCE(k.jobs, 0::bigint)::integer AS jobs,
+    r.blocked_until,
+    r.blocked_reason,
+        CASE
+            WHEN r.blocked_until > clock_timestamp() THEN 'blocked: '::text || r.blocked_reason
+            WHEN r.max_running IS NOT NULL AND COALESCE(k.running, 0::bigint) >= r.max_running THEN format('capped: %s of %s running'::text, k.running, r.max_running)
+            WHEN r.rate IS NOT NULL AND COALESCE(k.pending, 0::bigint) > 0 AND (r.tokens + r.rate * EXTRACT(epoch FROM clock_timestamp() - r.refilled_at)::double precision) < 1::double precision THEN format('rate-limited: %s chunks/s'::text, r.rate)
+            ELSE NULL::text
+        END AS held_back
+   FROM chunkq.rate_limits r
+     LEFT JOIN LATERAL ( SELECT sum(c.processing) AS running,
+            sum(c.pending) AS pending,
+            count(DISTINCT j.id) AS jobs
+           FROM chunkq.crawl_jobs j
+             JOIN chunkq.job_chunk_counts c ON c.job_id = j.id
+          WHERE j.rate_key = r.key AND j.finished_at IS NULL) k ON true;
+COMMENT ON VIEW chunkq.rate_limit_state IS
+    'Each rate key with limits: its bucket now, its running and pending chunks across its unfinished jobs, and '
+    'what holds them back (held_back: blocked, capped or rate-limited; NULL: nothing). Example: SELECT * FROM '
+    'chunkq.rate_limit_state WHERE held_back IS NOT NULL;';
+COMMENT ON COLUMN chunkq.rate_limit_state.key IS 'The rate key.';
+COMMENT ON COLUMN chunkq.rate_limit_state.rate IS 'Chunks per second at most (NULL: no rate limit).';
+COMMENT ON COLUMN chunkq.rate_limit_state.burst IS 'Bucket size.';
+COMMENT ON COLUMN chunkq.rate_limit_state.tokens IS 'Tokens in the bucket now: chunks that may be claimed at once.';
+COMMENT ON COLUMN chunkq.rate_limit_state.max_running IS 'Cap on the key''s running chunks (NULL: none).';
+COMMENT ON COLUMN chunkq.rate_limit_state.running_chunks IS 'Chunks of the key processing now.';
+COMMENT ON COLUMN chunkq.rate_limit_state.pending_chunks IS 'Chunks of the key waiting.';
+COMMENT ON COLUMN chunkq.rate_limit_state.jobs IS 'Unfinished jobs naming the key.';
+COMMENT ON COLUMN chunkq.rate_limit_state.blocked_until IS 'No chunk of the key is claimed before this.';
+COMMENT ON COLUMN chunkq.rate_limit_state.blocked_reason IS 'Why it is blocked.';
+COMMENT ON COLUMN chunkq.rate_limit_state.held_back IS 'What holds the key''s chunks back now, if anything.';
+GRANT SELECT ON TABLE chunkq.rate_limit_state TO chunkq_reader;
+
 -- ---------------------------------------------------------------------------
 -- Functions
 -- ---------------------------------------------------------------------------
@@ -711,7 +874,8 @@ BEGIN
                    completed_last_minute = CASE
                        WHEN d.d_completed <= 0 OR k.rate_minute = v_minute THEN k.completed_last_minute
                        WHEN k.rate_minute = v_minute - interval '1 minute' THEN k.completed_this_minute
-                       ELSE 0 END
+                       ELSE 0 END,
+                   last_completed_at = CASE WHEN d.d_completed > 0 THEN now() ELSE k.last_completed_at END
               FROM moved d JOIN locked l ON l.job_id = d.job_id AND l.slot = d.slot
              WHERE k.job_id = d.job_id AND k.slot = d.slot
             RETURNING k.job_id, k.pending + k.processing AS open_after, d.d_pending + d.d_processing AS d_open,
@@ -764,6 +928,54 @@ END $function$;
 COMMENT ON FUNCTION chunkq._check_chunk_jobs() IS
     'Internal (trigger): every inserted chunk''s job exists; locks those jobs FOR KEY SHARE, as a foreign key would.';
 
+CREATE OR REPLACE FUNCTION chunkq._check_failure_budget(p_job_id bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_job chunkq.crawl_jobs;
+    v_failed integer;
+    v_in_a_row integer;
+    v_reason text;
+BEGIN
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
+    IF v_job.paused_at IS NOT NULL OR v_job.finished_at IS NOT NULL
+       OR (v_job.max_failed_ratio IS NULL AND v_job.max_failed_chunks IS NULL
+           AND v_job.max_consecutive_failures IS NULL) THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(sum(k.failed), 0) INTO v_failed FROM chunkq.job_chunk_counts k WHERE k.job_id = p_job_id;
+    IF v_job.max_failed_chunks IS NOT NULL AND v_failed > v_job.max_failed_chunks THEN
+        v_reason := format('failure budget: %s chunks failed, more than max_failed_chunks %s',
+                           v_failed, v_job.max_failed_chunks);
+    ELSIF v_job.max_failed_ratio IS NOT NULL AND v_failed > v_job.max_failed_ratio * v_job.total_chunks THEN
+        v_reason := format('failure budget: %s of %s chunks failed, more than max_failed_ratio %s',
+                           v_failed, v_job.total_chunks, v_job.max_failed_ratio);
+    ELSIF v_job.max_consecutive_failures IS NOT NULL THEN
+        SELECT count(*) INTO v_in_a_row
+          FROM chunkq.chunk_errors e
+         WHERE e.job_id = p_job_id AND NOT e.deferred AND NOT e.lease_expired
+           AND e.failed_at > greatest((SELECT max(k.last_completed_at) FROM chunkq.job_chunk_counts k
+                                        WHERE k.job_id = p_job_id),
+                                      v_job.budget_reset_at, '-infinity');
+        IF v_in_a_row >= v_job.max_consecutive_failures THEN
+            v_reason := format('failure budget: %s attempts failed in a row with none completed', v_in_a_row);
+        END IF;
+    END IF;
+    IF v_reason IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE chunkq.job_chunks c SET available_at = 'infinity'
+     WHERE c.id IN (SELECT p.id FROM chunkq.job_chunks p WHERE p.job_id = p_job_id AND p.status = 'pending'
+                       FOR UPDATE SKIP LOCKED);
+    UPDATE chunkq.crawl_jobs SET paused_at = now(), paused_reason = v_reason WHERE id = p_job_id;
+    PERFORM pg_notify('chunkq_job_paused', json_build_object('job_id', p_job_id, 'reason', v_reason)::text);
+END $function$;
+COMMENT ON FUNCTION chunkq._check_failure_budget(bigint) IS
+    'Internal: pauses a job whose failures passed its budget (max_failed_chunks, max_failed_ratio, '
+    'max_consecutive_failures), records why in paused_reason and sends NOTIFY chunkq_job_paused with {"job_id": '
+    '..., "reason": ...}.';
+
 CREATE OR REPLACE FUNCTION chunkq._check_override(p_attempt integer)
  RETURNS void
  LANGUAGE plpgsql
@@ -779,6 +991,73 @@ END $function$;
 COMMENT ON FUNCTION chunkq._check_override(integer) IS
     'Internal: raises insufficient_privilege when a NULL attempt (skip the fencing check) comes from a role that '
     'is not chunkq_app, a superuser or the schema owner.';
+
+CREATE OR REPLACE FUNCTION chunkq._claim_allowances(p_limit integer, p_job_id bigint)
+ RETURNS TABLE(job_id bigint, allowance integer)
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_job record;
+    v_key chunkq.rate_limits;
+    v_allow integer;
+    v_running integer;
+    v_key_left jsonb := '{}';  -- what the keys seen so far still allow: {"key": n}
+BEGIN
+    FOR v_job IN
+        SELECT j.id, j.max_running, j.rate_key FROM chunkq.crawl_jobs j
+         WHERE j.limited AND j.finished_at IS NULL AND j.paused_at IS NULL
+           AND (p_job_id IS NULL OR j.id = p_job_id)
+         ORDER BY j.priority DESC, j.id
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('chunkq.claim'), (v_job.id & 2147483647)::integer);
+        v_allow := p_limit;
+        IF v_job.max_running IS NOT NULL THEN
+            SELECT coalesce(sum(k.processing), 0) INTO v_running FROM chunkq.job_chunk_counts k WHERE k.job_id = v_job.id;
+            v_allow := least(v_allow, v_job.max_running - v_running);
+        END IF;
+        IF v_job.rate_key IS NOT NULL AND v_allow > 0 THEN
+            IF NOT v_key_left ? v_job.rate_key THEN
+                IF NOT pg_try_advisory_xact_lock(hashtext('chunkq.rate_key'), hashtext(v_job.rate_key)) THEN
+                    v_key_left := v_key_left || jsonb_build_object(v_job.rate_key, 0);
+                ELSE
+                    SELECT * INTO v_key FROM chunkq.rate_limits r WHERE r.key = v_job.rate_key;
+                    IF NOT FOUND THEN
+                        v_key_left := v_key_left || jsonb_build_object(v_job.rate_key, p_limit);
+                    ELSIF v_key.blocked_until > clock_timestamp() THEN
+                        v_key_left := v_key_left || jsonb_build_object(v_job.rate_key, 0);
+                    ELSE
+                        v_running := p_limit;
+                        IF v_key.max_running IS NOT NULL THEN
+                            SELECT v_key.max_running - coalesce(sum(k.processing), 0) INTO v_running
+                              FROM chunkq.crawl_jobs j JOIN chunkq.job_chunk_counts k ON k.job_id = j.id
+                             WHERE j.rate_key = v_job.rate_key AND j.finished_at IS NULL;
+                        END IF;
+                        IF v_key.rate IS NOT NULL THEN
+                            v_running := least(v_running, floor(least(
+                                v_key.burst,
+                                v_key.tokens + v_key.rate * extract(epoch FROM clock_timestamp() - v_key.refilled_at)
+                            ))::integer);
+                        END IF;
+                        v_key_left := v_key_left || jsonb_build_object(v_job.rate_key, greatest(v_running, 0));
+                    END IF;
+                END IF;
+            END IF;
+            v_allow := least(v_allow, (v_key_left ->> v_job.rate_key)::integer);
+        END IF;
+        CONTINUE WHEN v_allow <= 0;
+        job_id := v_job.id;
+        allowance := v_allow;
+        RETURN NEXT;
+        IF v_job.rate_key IS NOT NULL THEN  -- what this job may take, the next job of the key may not
+            v_key_left := v_key_left
+                || jsonb_build_object(v_job.rate_key, (v_key_left ->> v_job.rate_key)::integer - v_allow);
+        END IF;
+    END LOOP;
+END $function$;
+COMMENT ON FUNCTION chunkq._claim_allowances(integer, bigint) IS
+    'Internal: for a claim of p_limit chunks, how many chunks of each limited job it may take under the job''s cap '
+    'and its key''s bucket, cap and block, holding (try-locked) the job and key so no other claim counts them at '
+    'the same time.';
 
 CREATE OR REPLACE FUNCTION chunkq._clip_error(p_error text)
  RETURNS text
@@ -809,6 +1088,9 @@ DECLARE
                                            AND (p_lease_tokens IS NULL OR array_position(p_lease_tokens, NULL) IS NOT NULL)
                                       THEN chunkq._may_override() ELSE false END;
     v_reclaimed chunkq._chunk_move[] := '{}';
+    v_limited_jobs bigint[] := '{}';
+    v_job_limited boolean := false;
+    v_allowances integer[] := '{}';
     v_done bigint[];
     v_taken chunkq.job_chunks[];
     v_moves chunkq._chunk_move[];
@@ -817,6 +1099,17 @@ BEGIN
     -- Abandoned chunks first, so that they can be claimed again right away.
     IF (SELECT min(c.lease_expires_at) FROM chunkq.job_chunks c) < now() THEN
         v_reclaimed := ARRAY(SELECT m FROM chunkq._reclaim_expired(100) m);
+    END IF;
+    -- Limited jobs, if any is open (one probe of a small partial index otherwise).
+    IF p_job_id IS NOT NULL THEN
+        v_job_limited := coalesce((SELECT j.limited FROM chunkq.crawl_jobs j WHERE j.id = p_job_id), false);
+    END IF;
+    IF p_limit > 0 AND EXISTS (SELECT 1 FROM chunkq.crawl_jobs j
+                                WHERE j.limited AND j.finished_at IS NULL AND j.paused_at IS NULL
+                                  AND (p_job_id IS NULL OR j.id = p_job_id)) THEN
+        SELECT coalesce(array_agg(a.job_id), '{}'), coalesce(array_agg(a.allowance), '{}')
+          INTO v_limited_jobs, v_allowances
+          FROM chunkq._claim_allowances(p_limit, p_job_id) a;
     END IF;
 
     WITH done AS (
@@ -827,28 +1120,51 @@ BEGIN
            AND (c.lease_token = p_lease_tokens[array_position(p_chunk_ids, c.id)] OR v_waived)
         RETURNING c.id, c.job_id, c.chunk_index
     ), picked AS (
-        SELECT c.id FROM chunkq.job_chunks c
-         WHERE p_job_id IS NULL
+        -- By the claim index alone, whatever the statistics say (no join to plan around).
+        SELECT c.id, c.job_id, c.priority, c.vpos FROM chunkq.job_chunks c
+         WHERE p_job_id IS NULL AND NOT c.limited
            AND c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
-           AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs j WHERE j.id = c.job_id AND j.paused_at IS NOT NULL)
-         ORDER BY c.priority DESC, c.id
+         ORDER BY c.priority DESC, c.vpos, c.id
          LIMIT p_limit
            FOR UPDATE OF c SKIP LOCKED
+    ), parked AS (
+        -- A paused job's pending chunks wait outside the claim indexes (available_at =
+        -- infinity); one that came back since (released, retried, reclaimed) is parked
+        -- there now, and not taken.
+        UPDATE chunkq.job_chunks c SET available_at = 'infinity'
+          FROM picked p JOIN chunkq.crawl_jobs j ON j.id = p.job_id
+         WHERE c.id = p.id AND j.paused_at IS NOT NULL
+        RETURNING c.id
     ), picked_of_job AS (
-        SELECT c.id FROM chunkq.job_chunks c
-         WHERE p_job_id IS NOT NULL AND c.job_id = p_job_id
+        -- (A limited job's chunks come from picked_limited, under its limits.)
+        SELECT c.id, c.priority, c.vpos FROM chunkq.job_chunks c
+         WHERE p_job_id IS NOT NULL AND NOT v_job_limited AND c.job_id = p_job_id
            AND c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
            AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs j WHERE j.id = p_job_id AND j.paused_at IS NOT NULL)
          ORDER BY c.priority DESC, c.id
          LIMIT p_limit
            FOR UPDATE OF c SKIP LOCKED
+    ), picked_limited AS (
+        SELECT l.id, l.priority, l.vpos
+          FROM unnest(v_limited_jobs, v_allowances) AS a(job_id, allowance),
+               LATERAL (SELECT c.id, c.priority, c.vpos FROM chunkq.job_chunks c
+                         WHERE c.job_id = a.job_id
+                           AND c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
+                         ORDER BY c.priority DESC, c.id
+                         LIMIT a.allowance
+                           FOR UPDATE OF c SKIP LOCKED) l
+    ), chosen AS (
+        SELECT p.id FROM (SELECT p.id, p.priority, p.vpos FROM picked p WHERE p.id NOT IN (SELECT k.id FROM parked k)
+                          UNION ALL SELECT * FROM picked_of_job
+                          UNION ALL SELECT * FROM picked_limited) p
+         ORDER BY p.priority DESC, p.vpos, p.id
+         LIMIT p_limit
     ), taken AS (
-        SELECT t AS chunk
-          FROM chunkq._take_chunks(ARRAY(SELECT p.id FROM picked p UNION ALL SELECT p.id FROM picked_of_job p),
-                                   p_worker_id, v_lease, NULL) t
+        SELECT t AS chunk FROM chunkq._take_chunks(ARRAY(SELECT h.id FROM chosen h), p_worker_id, v_lease, NULL) t
     )
     SELECT (SELECT coalesce(array_agg(d.id), '{}') FROM done d),
-           (SELECT coalesce(array_agg(t.chunk ORDER BY (t.chunk).priority DESC, (t.chunk).id), '{}') FROM taken t),
+           (SELECT coalesce(array_agg(t.chunk ORDER BY (t.chunk).priority DESC, (t.chunk).vpos, (t.chunk).id), '{}')
+              FROM taken t),
            v_reclaimed
            || ARRAY(SELECT (d.job_id, d.chunk_index, 'processing', 'completed')::chunkq._chunk_move FROM done d)
            || ARRAY(SELECT ((t.chunk).job_id, (t.chunk).chunk_index, 'pending', 'processing')::chunkq._chunk_move
@@ -871,6 +1187,9 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM chunkq.crawl_jobs j WHERE j.id = p_job_id) THEN
         RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
     END IF;
+    IF cardinality(v_limited_jobs) > 0 THEN
+        PERFORM chunkq._spend_tokens(v_taken);
+    END IF;
     IF cardinality(v_moves) > 0 THEN
         PERFORM chunkq._apply_chunk_moves(v_moves);
     END IF;
@@ -879,7 +1198,8 @@ END $function$;
 COMMENT ON FUNCTION chunkq._complete_and_claim(bigint[], integer[], text, integer, bigint, interval, uuid[]) IS
     'Internal: the work of complete_and_claim and claim_chunks (arguments checked by them): reclaims expired '
     'leases, completes the listed chunks held at their attempts and lease tokens, leases up to p_limit claimable '
-    'chunks (0: none) and books every move; raises the error of the first listed chunk that is no longer held.';
+    'chunks (0: none) in fair order under the jobs'' and keys'' limits, and books every move; raises the error of '
+    'the first listed chunk that is no longer held.';
 
 CREATE OR REPLACE FUNCTION chunkq._completed_images(p_job chunkq.crawl_jobs, p_completed bigint)
  RETURNS bigint
@@ -1003,6 +1323,22 @@ BEGIN
 END $function$;
 COMMENT ON FUNCTION chunkq._outcome(chunkq.job_chunks, chunkq.chunk_status) IS
     'Internal: books one chunk''s move from p_from to its current status and reports the outcome.';
+
+CREATE OR REPLACE FUNCTION chunkq._queue_front(p_priority integer)
+ RETURNS double precision
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT coalesce(least(
+        (SELECT c.vpos FROM chunkq.job_chunks c
+          WHERE c.status = 'pending' AND c.available_at < 'infinity' AND NOT c.limited AND c.priority = p_priority
+          ORDER BY c.priority DESC, c.vpos LIMIT 1),
+        (SELECT c.vpos FROM chunkq.job_chunks c
+          WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.limited AND c.priority = p_priority
+          ORDER BY c.priority DESC, c.vpos LIMIT 1)), 0);
+$function$;
+COMMENT ON FUNCTION chunkq._queue_front(integer) IS
+    'Internal: the lowest virtual position among claimable chunks of a priority (0 when there are none).';
 
 CREATE OR REPLACE FUNCTION chunkq._reclaim_expired(p_limit integer)
  RETURNS SETOF chunkq._chunk_move
@@ -1137,6 +1473,32 @@ COMMENT ON FUNCTION chunkq._refuse_report(bigint, integer, text, uuid) IS
     'unknown chunk, CQ007 cancelled, CQ006 lease lost (stale attempt, or not the claim''s lease token), CQ004 not '
     'processing.';
 
+CREATE OR REPLACE FUNCTION chunkq._requeue_job(p_job_id bigint, p_weight real)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_priority integer;
+    v_front double precision;
+    v_first integer;
+BEGIN
+    SELECT c.priority, min(c.chunk_index) INTO v_priority, v_first
+      FROM chunkq.job_chunks c WHERE c.job_id = p_job_id AND c.status = 'pending'
+     GROUP BY c.priority ORDER BY c.priority DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- The front without this job's own chunks, which are about to move.
+    v_front := coalesce((SELECT min(c.vpos) FROM chunkq.job_chunks c
+                          WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.priority = v_priority
+                            AND c.job_id <> p_job_id), chunkq._queue_front(v_priority));
+    UPDATE chunkq.job_chunks c SET vpos = v_front + (c.chunk_index - v_first) / p_weight
+     WHERE c.job_id = p_job_id AND c.status = 'pending';
+END $function$;
+COMMENT ON FUNCTION chunkq._requeue_job(bigint, real) IS
+    'Internal: gives a job''s pending chunks new virtual positions from the front of their priority''s queue, spaced '
+    'by 1 / p_weight.';
+
 CREATE OR REPLACE FUNCTION chunkq._retry_delay(p_retry_count integer, p_base_delay interval)
  RETURNS interval
  LANGUAGE sql
@@ -1148,6 +1510,18 @@ COMMENT ON FUNCTION chunkq._retry_delay(integer, interval) IS
     'Internal: wait before automatic retry number p_retry_count + 1: the job''s base delay (NULL: '
     'settings.retry_base_delay) doubled per earlier retry, capped at settings.retry_max_delay, plus up to one base '
     'delay of random jitter.';
+
+CREATE OR REPLACE FUNCTION chunkq._set_limited(p_job_id bigint, p_limited boolean)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    UPDATE chunkq.job_chunks c SET limited = p_limited
+     WHERE c.job_id = p_job_id AND c.status IN ('pending', 'processing', 'failed') AND c.limited <> p_limited;
+    UPDATE chunkq.crawl_jobs j SET limited = p_limited WHERE j.id = p_job_id AND j.limited <> p_limited;
+END $function$;
+COMMENT ON FUNCTION chunkq._set_limited(bigint, boolean) IS
+    'Internal: marks a job and its open chunks limited (claimed under limits, apart) or not.';
 
 CREATE OR REPLACE FUNCTION chunkq._settle_job(p_job_id bigint, p_open_slots_delta integer, p_claimed boolean)
  RETURNS TABLE(job bigint, job_status chunkq.job_status, finished boolean)
@@ -1213,6 +1587,22 @@ COMMENT ON FUNCTION chunkq._settle_job(bigint, integer, boolean) IS
     'completed; NOTIFY chunkq_job_finished with {"job_id": ..., "status": ...}); running again when a retried '
     'chunk reopens it.';
 
+CREATE OR REPLACE FUNCTION chunkq._spend_tokens(p_taken chunkq.job_chunks[])
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    UPDATE chunkq.rate_limits r
+       SET tokens = least(r.burst, r.tokens + r.rate * extract(epoch FROM clock_timestamp() - r.refilled_at)) - t.n,
+           refilled_at = clock_timestamp()
+      FROM (SELECT j.rate_key, count(*) AS n
+              FROM unnest(p_taken) c JOIN chunkq.crawl_jobs j ON j.id = c.job_id
+             WHERE c.limited AND j.rate_key IS NOT NULL
+             GROUP BY j.rate_key) t
+     WHERE r.key = t.rate_key AND r.rate IS NOT NULL;
+$function$;
+COMMENT ON FUNCTION chunkq._spend_tokens(chunkq.job_chunks[]) IS
+    'Internal: takes one token per claimed chunk from the buckets of the rate keys of their jobs.';
+
 CREATE OR REPLACE FUNCTION chunkq._take_chunks(p_ids bigint[], p_worker_id text, p_lease interval, p_task_id text)
  RETURNS SETOF chunkq.job_chunks
  LANGUAGE plpgsql
@@ -1239,6 +1629,36 @@ END $function$;
 COMMENT ON FUNCTION chunkq._take_chunks(bigint[], text, interval, text) IS
     'Internal: leases the given locked pending chunks to a worker for p_lease (attempt + 1, a new lease token); '
     'the caller books it.';
+
+CREATE OR REPLACE FUNCTION chunkq._validate_limits(p_max_running integer, p_rate_key text, p_weight double precision, p_max_failed_ratio double precision, p_max_failed_chunks integer, p_max_consecutive_failures integer)
+ RETURNS void
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+BEGIN
+    IF p_max_running < 1 THEN
+        RAISE EXCEPTION 'max_running must be at least 1, got %', p_max_running USING ERRCODE = 'CQ001';
+    END IF;
+    IF btrim(p_rate_key) = '' OR length(p_rate_key) > 200 THEN
+        RAISE EXCEPTION 'a rate key must be 1 to 200 characters and not blank' USING ERRCODE = 'CQ001';
+    END IF;
+    IF NOT (p_weight > 0 AND p_weight <= 1000) THEN
+        RAISE EXCEPTION 'weight must be more than 0 and at most 1000, got %', p_weight USING ERRCODE = 'CQ001';
+    END IF;
+    IF NOT (p_max_failed_ratio > 0 AND p_max_failed_ratio <= 1) THEN
+        RAISE EXCEPTION 'max_failed_ratio must be more than 0 and at most 1, got %', p_max_failed_ratio
+            USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_max_failed_chunks < 1 THEN
+        RAISE EXCEPTION 'max_failed_chunks must be at least 1, got %', p_max_failed_chunks USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_max_consecutive_failures < 1 THEN
+        RAISE EXCEPTION 'max_consecutive_failures must be at least 1, got %', p_max_consecutive_failures
+            USING ERRCODE = 'CQ001';
+    END IF;
+END $function$;
+COMMENT ON FUNCTION chunkq._validate_limits(integer, text, double precision, double precision, integer, integer) IS
+    'Internal: raises CQ001 for a job limit out of range (NULL is no limit, except for weight).';
 
 CREATE OR REPLACE FUNCTION chunkq._validate_priority(p_priority integer)
  RETURNS void
@@ -1373,14 +1793,22 @@ BEGIN
             v_chunk.attempt, coalesce(v_chunk.worker_id, '-')
             USING ERRCODE = 'CQ004';
     END IF;
+    IF v_chunk.limited AND NOT EXISTS (SELECT 1 FROM chunkq._claim_allowances(1, v_chunk.job_id)) THEN
+        RAISE EXCEPTION 'cannot claim chunk % now: the limits of job % allow no claim (see chunkq.job_overview)',
+            p_chunk_id, v_chunk.job_id
+            USING ERRCODE = 'CQ009', HINT = 'Try again later: its cap, its rate key''s bucket or block hold it back.';
+    END IF;
     SELECT * INTO v_chunk FROM chunkq._take_chunks(ARRAY[p_chunk_id], p_worker_id, v_lease, p_task_id);
+    IF v_chunk.limited THEN
+        PERFORM chunkq._spend_tokens(ARRAY[v_chunk]);
+    END IF;
     PERFORM chunkq._apply_chunk_moves(
         ARRAY[(v_chunk.job_id, v_chunk.chunk_index, 'pending', 'processing')::chunkq._chunk_move]);
     RETURN v_chunk;
 END $function$;
 COMMENT ON FUNCTION chunkq.claim_chunk(bigint, text, interval, text) IS
     'Claims one given pending chunk (even one waiting out a retry backoff). Raises CQ004 if it is not pending, for '
-    'instance because another worker holds it.';
+    'instance because another worker holds it, and CQ009 if the limits of its job or rate key allow no claim now.';
 GRANT EXECUTE ON FUNCTION chunkq.claim_chunk(bigint, text, interval, text) TO chunkq_worker;
 
 CREATE OR REPLACE FUNCTION chunkq.claim_chunks(p_worker_id text DEFAULT NULL::text, p_limit integer DEFAULT 1, p_job_id bigint DEFAULT NULL::bigint, p_lease interval DEFAULT NULL::interval)
@@ -1403,6 +1831,41 @@ COMMENT ON FUNCTION chunkq.claim_chunks(text, integer, bigint, interval) IS
     'Returns them with their new attempt, the token heartbeat/complete/fail need. No chunk is ever returned to two '
     'callers.';
 GRANT EXECUTE ON FUNCTION chunkq.claim_chunks(text, integer, bigint, interval) TO chunkq_worker;
+
+CREATE OR REPLACE FUNCTION chunkq.claimable_in(p_job_id bigint DEFAULT NULL::bigint)
+ RETURNS interval
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    WITH jobs AS (
+        SELECT j.id, j.rate_key, r.blocked_until, r.rate, r.max_running AS key_max_running,
+               least(r.burst, r.tokens + r.rate * extract(epoch FROM clock_timestamp() - r.refilled_at)) AS tokens,
+               r.refilled_at, r.tokens AS tokens_then,
+               (j.max_running IS NULL OR (SELECT sum(k.processing) FROM chunkq.job_chunk_counts k
+                                           WHERE k.job_id = j.id) < j.max_running) AS below_cap,
+               EXISTS (SELECT 1 FROM chunkq.job_chunks c
+                        WHERE c.job_id = j.id AND c.limited AND c.status = 'pending'
+                          AND c.available_at < 'infinity' AND c.available_at <= now()) AS has_work
+          FROM chunkq.crawl_jobs j LEFT JOIN chunkq.rate_limits r ON r.key = j.rate_key
+         WHERE j.limited AND j.finished_at IS NULL AND j.paused_at IS NULL AND (p_job_id IS NULL OR j.id = p_job_id)
+    )
+    SELECT greatest(interval '0', min(CASE
+               WHEN NOT (has_work AND below_cap) THEN NULL
+               WHEN blocked_until > clock_timestamp() THEN blocked_until
+               WHEN key_max_running <= (SELECT sum(k.processing) FROM chunkq.crawl_jobs o
+                                          JOIN chunkq.job_chunk_counts k ON k.job_id = o.id
+                                         WHERE o.rate_key = jobs.rate_key AND o.finished_at IS NULL) THEN NULL
+               WHEN tokens < 1 THEN refilled_at + make_interval(secs => (1 - tokens_then) / rate)
+               ELSE clock_timestamp() END) - clock_timestamp())
+      FROM jobs;
+$function$;
+COMMENT ON FUNCTION chunkq.claimable_in(bigint) IS
+    'How long until a chunk held back by a limit may be claimed (a blocked key, an empty bucket, or 0 when one may '
+    'be claimed now); NULL when nothing limited can be claimed before a running chunk finishes. An idle worker '
+    'waits that long instead of its whole poll interval.';
+GRANT EXECUTE ON FUNCTION chunkq.claimable_in(bigint) TO chunkq_reader;
+GRANT EXECUTE ON FUNCTION chunkq.claimable_in(bigint) TO chunkq_worker;
 
 CREATE OR REPLACE FUNCTION chunkq.complete_and_claim(p_chunk_ids bigint[], p_attempts integer[], p_worker_id text DEFAULT NULL::text, p_limit integer DEFAULT 1, p_job_id bigint DEFAULT NULL::bigint, p_lease interval DEFAULT NULL::interval, p_lease_tokens uuid[] DEFAULT NULL::uuid[])
  RETURNS SETOF chunkq.job_chunks
@@ -1491,6 +1954,7 @@ DECLARE
     v_chunk_size integer;
     v_priority integer;
     v_chunks integer;
+    v_front double precision;
     v_slots constant integer := chunkq._counter_slots();
 BEGIN
     PERFORM chunkq._lock_job(p_job_id);
@@ -1513,9 +1977,13 @@ BEGIN
     v_priority := coalesce(p_priority, v_job.priority);
     v_chunks := chunkq._validate_shape(v_job.max_images, v_chunk_size);
     PERFORM chunkq._validate_priority(v_priority);
+    -- The job starts at the front of its priority's queue: it takes turns with the
+    -- jobs already waiting there (fair share), one of its chunks per 1 / weight.
+    v_front := chunkq._queue_front(v_priority);
 
-    INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority)
-    SELECT p_job_id, i, i::bigint * v_chunk_size, LEAST((i + 1)::bigint * v_chunk_size, v_job.max_images) - 1, v_priority
+    INSERT INTO chunkq.job_chunks (job_id, chunk_index, image_start, image_end, priority, vpos, limited)
+    SELECT p_job_id, i, i::bigint * v_chunk_size, LEAST((i + 1)::bigint * v_chunk_size, v_job.max_images) - 1, v_priority,
+           v_front + i / v_job.weight, v_job.limited
       FROM generate_series(0, v_chunks - 1) AS i;
 
     -- Slot s counts chunk indexes s, s+16, s+32, ...: ceil((n - s) / 16) of them.
@@ -1539,7 +2007,7 @@ COMMENT ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) IS
     'CQ005 if the job already has chunks (it never duplicates them).';
 GRANT EXECUTE ON FUNCTION chunkq.create_chunks(bigint, bigint, integer, integer) TO chunkq_app;
 
-CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer, p_id bigint DEFAULT NULL::bigint, p_retry_base_delay interval DEFAULT NULL::interval)
+CREATE OR REPLACE FUNCTION chunkq.create_job(p_project_id bigint, p_name text, p_keywords jsonb, p_max_images bigint, p_priority integer DEFAULT NULL::integer, p_max_retries integer DEFAULT NULL::integer, p_chunk_size integer DEFAULT NULL::integer, p_id bigint DEFAULT NULL::bigint, p_retry_base_delay interval DEFAULT NULL::interval, p_max_running integer DEFAULT NULL::integer, p_rate_key text DEFAULT NULL::text, p_weight double precision DEFAULT 1, p_max_failed_ratio double precision DEFAULT NULL::double precision, p_max_failed_chunks integer DEFAULT NULL::integer, p_max_consecutive_failures integer DEFAULT NULL::integer)
  RETURNS chunkq.crawl_jobs
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -1564,6 +2032,8 @@ BEGIN
     IF p_retry_base_delay < interval '0' THEN
         RAISE EXCEPTION 'retry_base_delay must not be negative, got %', p_retry_base_delay USING ERRCODE = 'CQ001';
     END IF;
+    PERFORM chunkq._validate_limits(p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
+                                    p_max_failed_chunks, p_max_consecutive_failures);
     IF p_id IS NOT NULL THEN
         IF p_id < 1 THEN
             RAISE EXCEPTION 'a job id must be positive, got %', p_id USING ERRCODE = 'CQ001';
@@ -1573,16 +2043,23 @@ BEGIN
         END IF;
     END IF;
 
-    INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
-                                   retry_base_delay)
-    OVERRIDING SYSTEM VALUE
-    VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
-            coalesce(p_keywords, '[]'::jsonb), p_max_images,
-            coalesce(p_chunk_size, v_settings.chunk_size),
-            coalesce(p_priority, v_settings.default_priority),
-            coalesce(p_max_retries, v_settings.default_max_retries),
-            p_retry_base_delay)
-    RETURNING * INTO v_job;
+    BEGIN
+        INSERT INTO chunkq.crawl_jobs (id, project_id, name, keywords, max_images, chunk_size, priority, max_retries,
+                                       retry_base_delay, max_running, rate_key, weight, max_failed_ratio,
+                                       max_failed_chunks, max_consecutive_failures, limited)
+        OVERRIDING SYSTEM VALUE
+        VALUES (coalesce(p_id, nextval(pg_get_serial_sequence('chunkq.crawl_jobs', 'id'))), p_project_id, p_name,
+                coalesce(p_keywords, '[]'::jsonb), p_max_images,
+                coalesce(p_chunk_size, v_settings.chunk_size),
+                coalesce(p_priority, v_settings.default_priority),
+                coalesce(p_max_retries, v_settings.default_max_retries),
+                p_retry_base_delay, p_max_running, p_rate_key, coalesce(p_weight, 1), p_max_failed_ratio,
+                p_max_failed_chunks, p_max_consecutive_failures,
+                p_max_running IS NOT NULL OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = p_rate_key))
+        RETURNING * INTO v_job;
+    EXCEPTION WHEN unique_violation THEN  -- the same id, created by a concurrent call since the check above
+        RAISE EXCEPTION 'crawl job % exists already', p_id USING ERRCODE = 'CQ001';
+    END;
     -- A given id is taken from the ids the table would hand out, so that a job created
     -- later without one can never collide with it.
     IF p_id IS NOT NULL THEN
@@ -1591,12 +2068,59 @@ BEGIN
     END IF;
     RETURN v_job;
 END $function$;
-COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval) IS
+COMMENT ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, double precision, double precision, integer, integer) IS
     'Creates a crawl job (no chunks yet; see create_chunks). NULL priority, max_retries, chunk_size and '
     'retry_base_delay take the defaults in chunkq.settings. p_id gives the job an id of your own (e.g. your '
-    'application''s job id); ids chunkq hands out afterwards skip past it. Raises CQ001 for a blank name, '
-    'max_images <= 0, more chunks than settings.max_chunks_per_job, or an id in use.';
-GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval) TO chunkq_app;
+    'application''s job id); ids chunkq hands out afterwards skip past it. The scheduling options: p_max_running '
+    '(cap on running chunks), p_rate_key (whose chunkq.rate_limits apply), p_weight (share of claims), and the '
+    'failure budget p_max_failed_ratio, p_max_failed_chunks, p_max_consecutive_failures. Raises CQ001 for a blank '
+    'name, max_images <= 0, more chunks than settings.max_chunks_per_job, an id in use or a limit out of range.';
+GRANT EXECUTE ON FUNCTION chunkq.create_job(bigint, text, jsonb, bigint, integer, integer, integer, bigint, interval, integer, text, double precision, double precision, integer, integer) TO chunkq_app;
+
+CREATE OR REPLACE FUNCTION chunkq.defer_chunk(p_chunk_id bigint, p_attempt integer, p_delay interval, p_reason text DEFAULT NULL::text, p_block_key boolean DEFAULT false, p_lease_token uuid DEFAULT NULL::uuid)
+ RETURNS chunkq.chunk_outcome
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_waived constant boolean := CASE WHEN p_lease_token IS NULL THEN chunkq._may_override() ELSE false END;
+    v_reason text;
+    v_chunk chunkq.job_chunks;
+    v_key text;
+BEGIN
+    PERFORM chunkq._check_override(p_attempt);
+    IF p_delay IS NULL OR p_delay <= interval '0' OR p_delay > interval '7 days' THEN
+        RAISE EXCEPTION 'a retry-after delay must be more than 0 and at most 7 days, got %',
+            coalesce(p_delay::text, 'NULL') USING ERRCODE = 'CQ001';
+    END IF;
+    v_reason := chunkq._clip_error(format('retry after %s: %s', p_delay, coalesce(nullif(p_reason, ''), 'deferred')));
+    UPDATE chunkq.job_chunks c
+       SET status = 'pending', available_at = now() + p_delay, lease_expires_at = NULL, error_message = v_reason
+     WHERE c.id = p_chunk_id AND c.status = 'processing' AND (p_attempt IS NULL OR c.attempt = p_attempt)
+       AND (c.lease_token = p_lease_token OR v_waived)
+    RETURNING c.* INTO v_chunk;
+    IF NOT FOUND THEN
+        PERFORM chunkq._refuse_report(p_chunk_id, p_attempt, 'defer', p_lease_token);
+    END IF;
+    INSERT INTO chunkq.chunk_errors (chunk_id, job_id, attempt, worker_id, error, retried, deferred)
+    VALUES (v_chunk.id, v_chunk.job_id, v_chunk.attempt, v_chunk.worker_id, v_reason, true, true);
+    IF p_block_key THEN
+        SELECT j.rate_key INTO v_key FROM chunkq.crawl_jobs j WHERE j.id = v_chunk.job_id;
+        -- Only a key with limits can be blocked (it is the key's row that says so);
+        -- chunkq limit set KEY registers one.
+        UPDATE chunkq.rate_limits r
+           SET blocked_until = greatest(r.blocked_until, now() + p_delay), blocked_reason = v_reason
+         WHERE r.key = v_key;
+    END IF;
+    RETURN chunkq._outcome(v_chunk, 'processing');
+END $function$;
+COMMENT ON FUNCTION chunkq.defer_chunk(bigint, integer, interval, text, boolean, uuid) IS
+    'A handler''s "retry after" (HTTP 429 or 503): puts a processing chunk the caller holds back to pending, not '
+    'claimable before p_delay has passed, without spending a retry; the reason is kept in chunk_errors (deferred). '
+    'With p_block_key, no chunk of the job''s rate key (if it has limits) is claimed before then either.';
+GRANT EXECUTE ON FUNCTION chunkq.defer_chunk(bigint, integer, interval, text, boolean, uuid) TO chunkq_worker;
 
 CREATE OR REPLACE FUNCTION chunkq.delete_job(p_job_id bigint)
  RETURNS chunkq.crawl_jobs
@@ -1612,7 +2136,8 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
     END IF;
-    IF v_job.status = 'running' THEN
+    IF v_job.status = 'running'
+       OR EXISTS (SELECT 1 FROM chunkq.job_chunk_counts k WHERE k.job_id = p_job_id AND k.processing > 0) THEN
         RAISE EXCEPTION 'crawl job % is running: cancel it first (chunkq.cancel_job)', p_job_id
             USING ERRCODE = 'CQ004';
     END IF;
@@ -1621,8 +2146,36 @@ BEGIN
 END $function$;
 COMMENT ON FUNCTION chunkq.delete_job(bigint) IS
     'Deletes a job that is not running, with its chunks, counters and error history; returns the deleted row. A '
-    'running job must be cancelled first (CQ004), so no worker is left holding a chunk that vanished.';
+    'job with a chunk being processed must be cancelled first (CQ004), so no worker is left holding a chunk that '
+    'vanished.';
 GRANT EXECUTE ON FUNCTION chunkq.delete_job(bigint) TO chunkq_app;
+
+CREATE OR REPLACE FUNCTION chunkq.delete_rate_limit(p_key text)
+ RETURNS chunkq.rate_limits
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_limit chunkq.rate_limits;
+    v_job bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM chunkq.rate_limits WHERE key = p_key) THEN
+        RAISE EXCEPTION 'rate key % has no limits', coalesce(p_key, 'NULL') USING ERRCODE = 'CQ008';
+    END IF;
+    -- Chunks first, then the key's row (see set_rate_limit).
+    FOR v_job IN SELECT j.id FROM chunkq.crawl_jobs j WHERE j.rate_key = p_key AND j.finished_at IS NULL ORDER BY j.id
+    LOOP
+        PERFORM chunkq._set_limited(v_job, (SELECT j.max_running IS NOT NULL FROM chunkq.crawl_jobs j WHERE j.id = v_job));
+    END LOOP;
+    DELETE FROM chunkq.rate_limits WHERE key = p_key RETURNING * INTO v_limit;
+    PERFORM chunkq._notify_claimable(NULL, 1);
+    RETURN v_limit;
+END $function$;
+COMMENT ON FUNCTION chunkq.delete_rate_limit(text) IS
+    'Removes the limits of a rate key; its jobs are claimed without them from then on. Raises CQ008 for a key '
+    'without limits.';
+GRANT EXECUTE ON FUNCTION chunkq.delete_rate_limit(text) TO chunkq_app;
 
 CREATE OR REPLACE FUNCTION chunkq.fail_chunk(p_chunk_id bigint, p_attempt integer, p_error text, p_retry boolean DEFAULT false, p_max_retries integer DEFAULT NULL::integer, p_lease_token uuid DEFAULT NULL::uuid)
  RETURNS chunkq.chunk_outcome
@@ -1639,6 +2192,7 @@ DECLARE
     v_base_delay interval;
     v_retry boolean;
     v_chunk chunkq.job_chunks;
+    v_outcome chunkq.chunk_outcome;
 BEGIN
     PERFORM chunkq._check_override(p_attempt);
     IF p_max_retries < 0 THEN
@@ -1665,13 +2219,15 @@ BEGIN
     RETURNING c.* INTO v_chunk;
     INSERT INTO chunkq.chunk_errors (chunk_id, job_id, attempt, worker_id, error, retried)
     VALUES (v_chunk.id, v_chunk.job_id, v_chunk.attempt, v_chunk.worker_id, v_error, v_chunk.status = 'pending');
-    RETURN chunkq._outcome(v_chunk, 'processing');
+    v_outcome := chunkq._outcome(v_chunk, 'processing');
+    PERFORM chunkq._check_failure_budget(v_chunk.job_id);
+    RETURN v_outcome;
 END $function$;
 COMMENT ON FUNCTION chunkq.fail_chunk(bigint, integer, text, boolean, integer, uuid) IS
     'Records an error for a processing chunk (p_attempt and p_lease_token as for complete_chunk). With p_retry '
     'true and retries left (retry_count < p_max_retries, default the job''s max_retries) the chunk goes back to '
     'pending after a backoff (see _retry_delay) with retry_count + 1; otherwise it is failed. Every error is kept '
-    'in chunk_errors.';
+    'in chunk_errors. A job past its failure budget pauses itself (see _check_failure_budget).';
 GRANT EXECUTE ON FUNCTION chunkq.fail_chunk(bigint, integer, text, boolean, integer, uuid) TO chunkq_worker;
 
 CREATE OR REPLACE FUNCTION chunkq.failed_chunks(p_job_id bigint)
@@ -1813,6 +2369,7 @@ DECLARE
     v_progress chunkq.job_progress;
     v_waiting boolean;
     v_ahead smallint;
+    v_key_held text;
 BEGIN
     SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
     IF NOT FOUND THEN
@@ -1833,10 +2390,20 @@ BEGIN
         RETURN NEXT ('not_chunked', 'nothing to claim yet: create_chunks has not split the job')::chunkq.job_blocker;
         RETURN;
     END IF;
-    IF v_job.paused_at IS NOT NULL THEN
-        RETURN NEXT ('paused', format('paused since %s: its %s pending chunks wait for resume_job(%s)',
+    IF v_job.paused_at IS NOT NULL THEN  -- by an operator, or by its failure budget (0010), which says why
+        RETURN NEXT ('paused', format('paused %s since %s: its %s pending chunks wait for resume_job(%s)',
+                                      coalesce(v_job.paused_reason, 'by an operator'),
                                       date_trunc('second', v_job.paused_at), v_progress.pending_chunks,
                                       p_job_id))::chunkq.job_blocker;
+    END IF;
+    IF v_job.max_running IS NOT NULL AND v_progress.processing_chunks >= v_job.max_running
+       AND v_progress.pending_chunks > 0 THEN
+        RETURN NEXT ('capped', format('%s chunks running, its max_running %s: the others wait for one to finish',
+                                      v_progress.processing_chunks, v_job.max_running))::chunkq.job_blocker;
+    END IF;
+    SELECT l.held_back INTO v_key_held FROM chunkq.rate_limit_state l WHERE l.key = v_job.rate_key;
+    IF v_key_held IS NOT NULL AND v_progress.pending_chunks > 0 THEN
+        RETURN NEXT ('rate_limited', format('its rate key %s is %s', v_job.rate_key, v_key_held))::chunkq.job_blocker;
     END IF;
     IF v_waiting THEN
         RETURN NEXT ('waiting_for_retry',
@@ -1846,9 +2413,10 @@ BEGIN
     END IF;
     IF v_progress.pending_chunks > 0 AND v_progress.processing_chunks = 0 AND v_job.paused_at IS NULL
        AND NOT v_waiting THEN
+        -- The head of the claim index (unlimited chunks; limited ones are claimed apart).
         SELECT c.priority INTO v_ahead FROM chunkq.job_chunks c
-         WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
-         ORDER BY c.priority DESC, c.id LIMIT 1;
+         WHERE c.status = 'pending' AND c.available_at < 'infinity' AND NOT c.limited AND c.available_at <= now()
+         ORDER BY c.priority DESC LIMIT 1;
         IF v_ahead > v_job.priority THEN
             RETURN NEXT ('behind_higher_priority',
                          format('claimable chunks of priority %s are taken before this job''s (priority %s)',
@@ -1861,7 +2429,8 @@ BEGIN
 END $function$;
 COMMENT ON FUNCTION chunkq.job_blockers(bigint) IS
     'Why a job is not moving, one row per reason (none: it moves, or waits only for its running chunks): finished, '
-    'not chunked, paused, every pending chunk in retry backoff, queued behind claimable chunks of a higher '
+    'not chunked, paused (by an operator or its failure budget), capped by max_running, its rate key blocked, '
+    'capped or rate-limited, every pending chunk in retry backoff, queued behind claimable chunks of a higher '
     'priority, no worker connected. Example: SELECT * FROM chunkq.job_blockers(42);';
 GRANT EXECUTE ON FUNCTION chunkq.job_blockers(bigint) TO chunkq_reader;
 
@@ -2082,28 +2651,28 @@ BEGIN
       LEFT JOIN chunkq.crawl_jobs j ON j.status = st
      GROUP BY st;
 
-    -- The queue by priority: pending chunks from the counters of unfinished jobs (a
-    -- chunk that can still run has its job's priority), and the age of the oldest
-    -- one a claim may take, read at the head of the claim index for that priority.
+    -- The queue by priority, from the counters of unfinished jobs (a chunk that can
+    -- still run has its job's priority): pending chunks, and the age of the oldest,
+    -- which is its job's: create_chunks makes all of a job's chunks in one transaction.
     -- A paused job's chunks are left out of the age: a paused job is not a stuck queue.
     RETURN QUERY
-    WITH by_priority AS (
-        SELECT j.priority, sum(k.pending) AS pending
+    WITH waiting AS (
+        SELECT j.priority, j.chunked_at, j.paused_at, sum(k.pending) AS pending
           FROM chunkq.crawl_jobs j JOIN chunkq.job_chunk_counts k ON k.job_id = j.id
          WHERE j.finished_at IS NULL
-         GROUP BY j.priority
+         GROUP BY j.id
         HAVING sum(k.pending) > 0
+    ), by_priority AS (
+        SELECT w.priority, sum(w.pending) AS pending,
+               extract(epoch FROM now() - min(w.chunked_at) FILTER (WHERE w.paused_at IS NULL))::float8 AS oldest
+          FROM waiting w
+         GROUP BY w.priority
     )
     SELECT m.metric, m.labels, m.value
       FROM by_priority p
      CROSS JOIN LATERAL (VALUES
         ('chunkq_queue_pending_chunks', jsonb_build_object('priority', p.priority::text), p.pending::float8),
-        ('chunkq_queue_oldest_pending_age_seconds', jsonb_build_object('priority', p.priority::text),
-         (SELECT extract(epoch FROM now() - c.created_at)::float8
-            FROM chunkq.job_chunks c
-           WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.priority = p.priority
-           ORDER BY c.priority DESC, c.id
-           LIMIT 1))
+        ('chunkq_queue_oldest_pending_age_seconds', jsonb_build_object('priority', p.priority::text), p.oldest)
      ) m(metric, labels, value)
      WHERE m.value IS NOT NULL;
 
@@ -2164,7 +2733,8 @@ BEGIN
     END IF;
     -- Chunks first, the job row last (the lock order every function keeps).
     UPDATE chunkq.job_chunks SET available_at = 'infinity' WHERE job_id = p_job_id AND status = 'pending';
-    UPDATE chunkq.crawl_jobs SET paused_at = now() WHERE id = p_job_id RETURNING * INTO v_job;
+    UPDATE chunkq.crawl_jobs SET paused_at = now(), paused_reason = 'by an operator' WHERE id = p_job_id
+    RETURNING * INTO v_job;
     RETURN v_job;
 END $function$;
 COMMENT ON FUNCTION chunkq.pause_job(bigint) IS
@@ -2330,15 +2900,20 @@ BEGIN
     IF v_job.paused_at IS NULL THEN
         RETURN v_job;  -- not paused
     END IF;
+    -- Pending chunks (also any a failure budget's pause could not reach) are claimable
+    -- again, from the front of the queue: a resumed job takes turns, it does not go first.
     UPDATE chunkq.job_chunks SET available_at = now()
      WHERE job_id = p_job_id AND status = 'pending' AND available_at = 'infinity';
     GET DIAGNOSTICS v_released = ROW_COUNT;
-    UPDATE chunkq.crawl_jobs SET paused_at = NULL WHERE id = p_job_id RETURNING * INTO v_job;
+    PERFORM chunkq._requeue_job(p_job_id, v_job.weight);
+    UPDATE chunkq.crawl_jobs SET paused_at = NULL, paused_reason = NULL, budget_reset_at = now() WHERE id = p_job_id
+    RETURNING * INTO v_job;
     PERFORM chunkq._notify_claimable(p_job_id, v_released);
     RETURN v_job;
 END $function$;
 COMMENT ON FUNCTION chunkq.resume_job(bigint) IS
-    'Lets a paused job''s chunks be claimed again. Resuming a job that is not paused does nothing; a finished or '
+    'Lets a paused job''s chunks be claimed again (taking turns with the jobs waiting, from the front of the '
+    'queue), and clears a tripped failure budget. Resuming a job that is not paused does nothing; a finished or '
     'cancelled job raises CQ004.';
 GRANT EXECUTE ON FUNCTION chunkq.resume_job(bigint) TO chunkq_app;
 
@@ -2424,7 +2999,7 @@ CREATE OR REPLACE FUNCTION chunkq.schema_version()
  LANGUAGE sql
  IMMUTABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$SELECT 10$function$;
+AS $function$SELECT 11$function$;
 COMMENT ON FUNCTION chunkq.schema_version() IS
     'Version of the chunkq schema: the number of the last migration applied. Clients refuse to run against an '
     'older one.';
@@ -2458,6 +3033,69 @@ COMMENT ON FUNCTION chunkq.search_jobs(chunkq.job_status, text, integer, integer
     'chunkq.search_jobs(''running'', ''cats'', 50, 100);';
 GRANT EXECUTE ON FUNCTION chunkq.search_jobs(chunkq.job_status, text, integer, integer) TO chunkq_reader;
 
+CREATE OR REPLACE FUNCTION chunkq.set_job_limits(p_job_id bigint, p_limits jsonb)
+ RETURNS chunkq.crawl_jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_job chunkq.crawl_jobs;
+    v_unknown text;
+    v_old_weight real;
+BEGIN
+    IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'object' THEN
+        RAISE EXCEPTION 'limits must be a JSON object' USING ERRCODE = 'CQ001';
+    END IF;
+    SELECT k INTO v_unknown FROM jsonb_object_keys(p_limits) k
+     WHERE k NOT IN ('max_running', 'rate_key', 'weight', 'max_failed_ratio', 'max_failed_chunks',
+                     'max_consecutive_failures')
+     LIMIT 1;
+    IF v_unknown IS NOT NULL THEN
+        RAISE EXCEPTION 'unknown job limit %', v_unknown USING ERRCODE = 'CQ001',
+            HINT = 'One of max_running, rate_key, weight, max_failed_ratio, max_failed_chunks, max_consecutive_failures.';
+    END IF;
+    IF p_limits ? 'weight' AND jsonb_typeof(p_limits -> 'weight') = 'null' THEN
+        RAISE EXCEPTION 'a job''s weight cannot be removed, only changed' USING ERRCODE = 'CQ001';
+    END IF;
+    PERFORM chunkq._lock_job(p_job_id);
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'crawl job % does not exist', p_job_id USING ERRCODE = 'CQ002';
+    END IF;
+    IF v_job.finished_at IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot change the limits of crawl job %: it is %', p_job_id, v_job.status
+            USING ERRCODE = 'CQ004';
+    END IF;
+    v_old_weight := v_job.weight;
+    BEGIN
+        v_job := jsonb_populate_record(v_job, p_limits);
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'bad job limits %: %', p_limits, SQLERRM USING ERRCODE = 'CQ001';
+    END;
+    PERFORM chunkq._validate_limits(v_job.max_running, v_job.rate_key, v_job.weight, v_job.max_failed_ratio,
+                                    v_job.max_failed_chunks, v_job.max_consecutive_failures);
+    -- Chunks first, the job row last (the lock order every function keeps).
+    PERFORM chunkq._set_limited(p_job_id, v_job.max_running IS NOT NULL
+                                          OR EXISTS (SELECT 1 FROM chunkq.rate_limits r WHERE r.key = v_job.rate_key));
+    IF v_job.weight <> v_old_weight THEN
+        PERFORM chunkq._requeue_job(p_job_id, v_job.weight);
+    END IF;
+    UPDATE chunkq.crawl_jobs j
+       SET max_running = v_job.max_running, rate_key = v_job.rate_key, weight = v_job.weight,
+           max_failed_ratio = v_job.max_failed_ratio, max_failed_chunks = v_job.max_failed_chunks,
+           max_consecutive_failures = v_job.max_consecutive_failures
+     WHERE j.id = p_job_id;
+    PERFORM chunkq._notify_claimable(p_job_id, 1);
+    SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
+    RETURN v_job;
+END $function$;
+COMMENT ON FUNCTION chunkq.set_job_limits(bigint, jsonb) IS
+    'Changes a job''s limits while it runs: a JSON object with any of max_running, rate_key, weight, '
+    'max_failed_ratio, max_failed_chunks, max_consecutive_failures (null removes one; others stay). Example: '
+    'SELECT * FROM chunkq.set_job_limits(42, ''{"max_running": 8, "rate_key": "images.example.com"}'');';
+GRANT EXECUTE ON FUNCTION chunkq.set_job_limits(bigint, jsonb) TO chunkq_app;
+
 CREATE OR REPLACE FUNCTION chunkq.set_job_priority(p_job_id bigint, p_priority integer)
  RETURNS chunkq.crawl_jobs
  LANGUAGE plpgsql
@@ -2479,6 +3117,8 @@ BEGIN
     END IF;
     UPDATE chunkq.job_chunks SET priority = p_priority
      WHERE job_id = p_job_id AND status IN ('pending', 'processing') AND priority <> p_priority;
+    -- Its chunks join the new priority's queue at the front, taking turns there.
+    PERFORM chunkq._requeue_job(p_job_id, v_job.weight);
     UPDATE chunkq.crawl_jobs SET priority = p_priority WHERE id = p_job_id RETURNING * INTO v_job;
     RETURN v_job;
 END $function$;
@@ -2486,3 +3126,49 @@ COMMENT ON FUNCTION chunkq.set_job_priority(bigint, integer) IS
     'Gives a job and its unfinished chunks a new priority (in the settings range). A finished or cancelled job '
     'raises CQ004.';
 GRANT EXECUTE ON FUNCTION chunkq.set_job_priority(bigint, integer) TO chunkq_app;
+
+CREATE OR REPLACE FUNCTION chunkq.set_rate_limit(p_key text, p_rate double precision DEFAULT NULL::double precision, p_burst integer DEFAULT NULL::integer, p_max_running integer DEFAULT NULL::integer)
+ RETURNS chunkq.rate_limits
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_limit chunkq.rate_limits;
+    v_burst integer;
+    v_job bigint;
+BEGIN
+    IF p_key IS NULL OR btrim(p_key) = '' OR length(p_key) > 200 THEN
+        RAISE EXCEPTION 'a rate key must be 1 to 200 characters and not blank' USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_rate IS NOT NULL AND NOT (p_rate > 0 AND p_rate <= 1000000) THEN
+        RAISE EXCEPTION 'rate must be more than 0 and at most 1000000 chunks per second, got %', p_rate
+            USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_burst IS NOT NULL AND (p_burst NOT BETWEEN 1 AND 1000000 OR p_rate IS NULL) THEN
+        RAISE EXCEPTION 'burst must be between 1 and 1000000 chunks, and needs a rate; got %', p_burst
+            USING ERRCODE = 'CQ001';
+    END IF;
+    IF p_max_running IS NOT NULL AND p_max_running < 1 THEN
+        RAISE EXCEPTION 'max_running must be at least 1, got %', p_max_running USING ERRCODE = 'CQ001';
+    END IF;
+    v_burst := CASE WHEN p_rate IS NULL THEN NULL ELSE coalesce(p_burst, greatest(1, ceil(p_rate)::integer)) END;
+    -- The key's jobs' chunks first, then the key's row: a claim locks them in that order.
+    FOR v_job IN SELECT j.id FROM chunkq.crawl_jobs j WHERE j.rate_key = p_key AND j.finished_at IS NULL ORDER BY j.id
+    LOOP
+        PERFORM chunkq._set_limited(v_job, true);
+    END LOOP;
+    INSERT INTO chunkq.rate_limits AS r (key, rate, burst, max_running, tokens)
+    VALUES (p_key, p_rate, v_burst, p_max_running, coalesce(v_burst, 0))
+    ON CONFLICT (key) DO UPDATE
+       SET rate = excluded.rate, burst = excluded.burst, max_running = excluded.max_running,
+           tokens = least(coalesce(excluded.burst, 0), r.tokens), refilled_at = now(), updated_at = now()
+    RETURNING * INTO v_limit;
+    PERFORM chunkq._notify_claimable(NULL, 1);
+    RETURN v_limit;
+END $function$;
+COMMENT ON FUNCTION chunkq.set_rate_limit(text, double precision, integer, integer) IS
+    'Sets the limits of a rate key across all its jobs: p_rate chunks per second (token bucket, bursts of p_burst, '
+    'default the rate rounded up), p_max_running chunks processing at once; NULL: no such limit. Example: SELECT * '
+    'FROM chunkq.set_rate_limit(''images.example.com'', 5, 10, 8);';
+GRANT EXECUTE ON FUNCTION chunkq.set_rate_limit(text, double precision, integer, integer) TO chunkq_app;

@@ -9,6 +9,6 @@ supervisor.py (the parent process), worker.py (one worker's loop), lease.py (hea
 the shutdown deadline, the parent's death), logs.py (one line per chunk).
 """
 
-from .handler import ChunkTask, DoNotRetry
+from .handler import ChunkTask, DoNotRetry, RetryAfter
 
-__all__ = ["ChunkTask", "DoNotRetry"]
+__all__ = ["ChunkTask", "DoNotRetry", "RetryAfter"]

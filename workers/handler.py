@@ -25,9 +25,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from chunkq.task import ChunkTask, DoNotRetry
+from chunkq.task import ChunkTask, DoNotRetry, RetryAfter
 
-__all__ = ["ChunkTask", "DoNotRetry", "Handler", "HandlerError", "load_handler"]
+__all__ = ["ChunkTask", "DoNotRetry", "Handler", "HandlerError", "RetryAfter", "load_handler"]
 
 Handler = Callable[[ChunkTask], object]
 

@@ -43,7 +43,7 @@ from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
 from . import logs, metrics
 from .config import PoolConfig
-from .handler import ChunkTask, DoNotRetry, Handler, load_handler
+from .handler import ChunkTask, DoNotRetry, Handler, RetryAfter, load_handler
 from .lease import Held, Holdings, LeaseKeeper
 
 T = TypeVar("T")
@@ -51,6 +51,8 @@ CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 REFUSALS = (LeaseLost, InvalidTransition)  # a chunk is no longer held as this worker thinks
 #: Seconds a completion may wait to be reported with the next claim.
 FLUSH_AFTER = 1.0
+#: Shortest wait before claiming again when a limit said "now" (another claimer held the key a moment ago).
+LIMIT_RETRY_MIN = 0.01
 #: Seconds the keeper waits for the main thread to finish a report before handing back regardless.
 HAND_BACK_WAIT = 5.0
 
@@ -245,7 +247,11 @@ class Worker:
         os._exit(code)
 
     def wait_for_work(self) -> None:
-        until = time.monotonic() + self.config.poll
+        """Until a wake-up, the poll interval, or sooner when a limit (a rate key's bucket) is about to let a
+        chunk be claimed."""
+        hint = self.session.call(lambda s: s.chunks.claimable_in(self.config.job_id))
+        wait = self.config.poll if hint is None else min(self.config.poll, max(LIMIT_RETRY_MIN, hint.total_seconds()))
+        until = time.monotonic() + wait
         while not self.stopping.is_set() and (left := until - time.monotonic()) > 0:
             if self.wake.poll(min(left, 0.2)):
                 try:
@@ -291,8 +297,11 @@ class Worker:
         started = time.monotonic()
         error: str | None = None
         retry = True
+        deferral: RetryAfter | None = None
         try:
             self.handler(task)
+        except RetryAfter as exc:
+            error, deferral = f"RetryAfter: {exc}", exc
         except DoNotRetry as exc:
             error, retry = describe(exc), False
         except Exception as exc:
@@ -306,7 +315,7 @@ class Worker:
                     self.completed_since = time.monotonic()
                 held.took_ms = duration_ms
         else:
-            self.log_outcome(chunk, self.report_failure(held, error, retry), duration_ms, error)
+            self.log_outcome(chunk, self.report_failure(held, error, retry, deferral), duration_ms, error)
         return took
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
@@ -328,26 +337,38 @@ class Worker:
             **({"error": error} if error else {}),
         )
 
-    def report_failure(self, held: Held, error: str, retry: bool) -> str:
-        """Records a failure; returns retrying, failed, lease_lost or cancelled."""
+    def report_failure(self, held: Held, error: str, retry: bool, deferral: RetryAfter | None = None) -> str:
+        """Records a failure, or a deferral; returns retrying, failed, deferred, lease_lost or cancelled."""
 
         def send(session: Session) -> str:
             with self.holdings.lock:
                 if held.lost.is_set():  # the LeaseKeeper found the lease lost
                     outcome = "lease_lost"
-                else:
-                    outcome = self.deliver(session, held.chunk, error, retry)  # a connection error: sent again
+                else:  # a connection error: sent again
+                    outcome = self.deliver(session, held.chunk, error, retry, deferral)
                 self.holdings.drop(held.chunk.id)
                 return outcome
 
         return self.session.call(send)
 
-    def deliver(self, session: Session, chunk: JobChunk, error: str | None, retry: bool) -> str:
-        """Reports one chunk's outcome; returns completed, retrying, failed, lease_lost or cancelled."""
+    def deliver(
+        self, session: Session, chunk: JobChunk, error: str | None, retry: bool, deferral: RetryAfter | None = None
+    ) -> str:
+        """Reports one chunk's outcome; returns completed, retrying, failed, deferred, lease_lost or cancelled."""
         try:
             if error is None:
                 session.chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
                 return "completed"
+            if deferral is not None:
+                session.chunks.defer(
+                    chunk.id,
+                    chunk.attempt,
+                    deferral.seconds,
+                    deferral.reason,
+                    block_key=deferral.block_key,
+                    lease_token=chunk.lease_token,
+                )
+                return "deferred"
             outcome = session.chunks.fail(
                 chunk.id,
                 chunk.attempt,

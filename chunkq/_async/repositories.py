@@ -19,7 +19,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from .. import _queries as q
-from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays
+from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays, limits_json
 from ..records import (
     ChunkError,
     ChunkOutcome,
@@ -40,6 +40,7 @@ from ..records import (
     PruneResult,
     QueueDepth,
     QueueStats,
+    RateLimitState,
     record_row,
 )
 from .execute import fetch
@@ -63,12 +64,23 @@ class CrawlJobRepository:
         chunk_size: int | None = None,
         id: int | None = None,
         retry_base_delay: timedelta | float | None = None,
+        max_running: int | None = None,
+        rate_key: str | None = None,
+        weight: float = 1.0,
+        max_failed_ratio: float | None = None,
+        max_failed_chunks: int | None = None,
+        max_consecutive_failures: int | None = None,
     ) -> CrawlJob:
         """Creates a job without chunks. None takes the deployment default (chunkq.settings).
 
         ``id`` gives the job an id of your own, e.g. your application's job id, so that the seed's
         ``create_chunks_for_job(job_id=your_job.id, ...)`` finds it; ``retry_base_delay`` (a timedelta or
-        seconds) is the job's own back-off before the first automatic retry."""
+        seconds) is the job's own back-off before the first automatic retry.
+
+        Scheduling: ``max_running`` caps the job's running chunks, ``rate_key`` names whose rate limits
+        apply (RateLimitRepository.set), ``weight`` is its share of claims among the jobs of its priority;
+        the failure budget (``max_failed_ratio``, ``max_failed_chunks``, ``max_consecutive_failures``)
+        pauses the job once passed."""
         params = {
             "project_id": project_id,
             "name": name,
@@ -79,6 +91,12 @@ class CrawlJobRepository:
             "chunk_size": chunk_size,
             "id": id,
             "retry_base_delay": interval(retry_base_delay),
+            "max_running": max_running,
+            "rate_key": rate_key,
+            "weight": weight,
+            "max_failed_ratio": max_failed_ratio,
+            "max_failed_chunks": max_failed_chunks,
+            "max_consecutive_failures": max_consecutive_failures,
         }
         rows = await fetch(self.conn, q.CREATE_JOB, params, record_row(CrawlJob))
         return rows[0]
@@ -139,6 +157,12 @@ class CrawlJobRepository:
         """Gives the job and its unfinished chunks a new priority."""
         params = {"job_id": job_id, "priority": priority}
         return (await fetch(self.conn, q.SET_JOB_PRIORITY, params, record_row(CrawlJob)))[0]
+
+    async def set_limits(self, job_id: int, **limits: Any) -> CrawlJob:
+        """Changes a running job's scheduling limits: any of max_running, rate_key, weight, max_failed_ratio,
+        max_failed_chunks, max_consecutive_failures; None removes a limit, the others stay."""
+        params = {"job_id": job_id, "limits": limits_json(limits)}
+        return (await fetch(self.conn, q.SET_JOB_LIMITS, params, record_row(CrawlJob)))[0]
 
     async def prune(self, older_than: timedelta | str, max_chunks: int = 10_000) -> PruneResult:
         """Deletes jobs finished more than ``older_than`` ago, at most ``max_chunks`` chunks per call."""
@@ -307,6 +331,35 @@ class JobChunkRepository:
         rows = await fetch(self.conn, q.FAIL_CHUNK, params, record_row(ChunkOutcome))
         return rows[0]
 
+    async def defer(
+        self,
+        chunk_id: int,
+        attempt: int | None,
+        delay: timedelta | float,
+        reason: str | None = None,
+        *,
+        block_key: bool = False,
+        lease_token: UUID | None = None,
+    ) -> ChunkOutcome:
+        """Puts a held chunk back, not claimable before ``delay`` has passed, without spending a retry (a
+        handler's "retry after", e.g. HTTP 429); ``block_key`` holds back its job's rate key as long."""
+        params = {
+            "chunk_id": chunk_id,
+            "attempt": attempt,
+            "delay": interval(delay),
+            "reason": None if reason is None else error_text(reason),
+            "block_key": block_key,
+            "lease_token": lease_token,
+        }
+        rows = await fetch(self.conn, q.DEFER_CHUNK, params, record_row(ChunkOutcome))
+        return rows[0]
+
+    async def claimable_in(self, job_id: int | None = None) -> timedelta | None:
+        """How long until the next chunk held back by a rate key's bucket or block may be claimed (None: none is)."""
+        rows = await fetch(self.conn, q.CLAIMABLE_IN, {"job_id": job_id}, dict_row)
+        wait: timedelta | None = rows[0]["wait"]
+        return wait
+
     async def release(self, chunk_id: int, attempt: int, lease_token: UUID | None = None) -> JobChunk:
         """Hands a chunk this caller holds back to pending without counting a retry (shutdown)."""
         params = {"chunk_id": chunk_id, "attempt": attempt, "lease_token": lease_token}
@@ -353,3 +406,28 @@ class JobChunkRepository:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""
         rows = await fetch(self.conn, q.RECLAIM_EXPIRED_CHUNKS, {"limit": limit}, dict_row)
         return int(rows[0]["reclaimed"])
+
+
+class RateLimitRepository:
+    """Limits of rate keys (chunkq.rate_limits): a token bucket and a cap on running chunks, across every job
+    that names the key in its ``rate_key``."""
+
+    def __init__(self, conn: AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    async def set(
+        self, key: str, *, rate: float | None = None, burst: int | None = None, max_running: int | None = None
+    ) -> RateLimitState:
+        """Sets the key's limits: ``rate`` chunks per second in bursts of ``burst`` (default: the rate rounded
+        up), ``max_running`` at once; None: no such limit."""
+        params = {"key": key, "rate": rate, "burst": burst, "max_running": max_running}
+        await fetch(self.conn, q.SET_RATE_LIMIT, params, dict_row)
+        return (await fetch(self.conn, q.RATE_LIMIT_OF, {"key": key}, record_row(RateLimitState)))[0]
+
+    async def delete(self, key: str) -> None:
+        """Removes the key's limits; RateKeyNotFound if it has none."""
+        await fetch(self.conn, q.DELETE_RATE_LIMIT, {"key": key}, dict_row)
+
+    async def overview(self) -> list[RateLimitState]:
+        """Every key with limits, its bucket, running chunks and what holds it back (chunkq.rate_limit_state)."""
+        return await fetch(self.conn, q.RATE_LIMIT_STATE, {}, record_row(RateLimitState))

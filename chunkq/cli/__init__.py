@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..records import ChunkStatus, JobStatus
 from ..sync import CrawlJobRepository, JobChunkRepository
+from . import limits
 from .output import console, emit_json, errors, record, table
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
@@ -197,6 +198,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
             priority=args.priority,
             max_retries=args.max_retries,
             chunk_size=args.chunk_size,
+            **limits.job_limits(args),
         )
         job = JobChunkRepository(conn).create_for_job(job.id)
     return done(
@@ -461,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--priority", type=int, help="0-10 by default; higher is claimed first")
     create.add_argument("--chunk-size", type=int, help="images per chunk (default 500)")
     create.add_argument("--max-retries", type=int, help="automatic retries per chunk (default 3)")
+    limits.add_job_options(create, removable=False)
+    job_limit = command(
+        jobs,
+        "limit",
+        lambda a: limits.cmd_job_limit(a, connect, done),
+        "change a running job's scheduling limits (none removes one)",
+    )
+    job_limit.add_argument("job_id", type=int, metavar="ID")
+    limits.add_job_options(job_limit, removable=True)
     listing = command(jobs, "list", cmd_job_list, "list the newest jobs with their progress")
     listing.add_argument("--status", type=job_status)
     listing.add_argument("--limit", type=positive, default=50)
@@ -503,6 +514,32 @@ def build_parser() -> argparse.ArgumentParser:
         "queue depth by priority, oldest pending, leases, failure rate, vacuum and the oldest transaction",
     )
     command(commands, "workers", cmd_workers, "connected workers and the chunks they hold")
+    limit = commands.add_parser(
+        "limit",
+        help="rate limits by key",
+        description="Limits of rate keys, across every "
+        "job that names the key (--rate-key): a token bucket and a cap on running chunks.",
+    )
+    limit_commands = limit.add_subparsers(dest="limit_command", required=True, metavar="command")
+    limit_set = command(
+        limit_commands,
+        "set",
+        lambda a: limits.cmd_limit_set(a, connect, done),
+        "set a key's limits, e.g. --rate 5/s --burst 10 --max-running 8",
+    )
+    limit_set.add_argument("key", metavar="KEY")
+    limit_set.add_argument("--rate", type=limits.rate, help="chunks claimed per second at most: 5/s, 300/min, 2/hour")
+    limit_set.add_argument("--burst", type=int, help="chunks claimed at once after a quiet spell (default: the rate)")
+    limit_set.add_argument("--max-running", type=int, metavar="N", help="chunks of the key running at once at most")
+    command(
+        limit_commands,
+        "list",
+        lambda a: limits.cmd_limit_list(a, connect, listed),
+        "every key with limits: bucket, running and pending chunks, what holds it back",
+    )
+    command(
+        limit_commands, "delete", lambda a: limits.cmd_limit_delete(a, connect, done), "remove a key's limits"
+    ).add_argument("key", metavar="KEY")
     command(commands, "failures", cmd_failures, "errors grouped by kind, most frequent first")
     prune = command(commands, "prune", cmd_prune, "delete jobs that finished long ago, in short transactions")
     prune.add_argument("--older-than", required=True, metavar="INTERVAL", help="a PostgreSQL interval, e.g. '30 days'")

@@ -14,6 +14,8 @@ BLOCKER_TITLES = {
     "finished": "Finished",
     "not_chunked": "Nothing claimable yet",
     "paused": "Paused",
+    "capped": "Capped by max_running",
+    "rate_limited": "Held back by its rate key",
     "waiting_for_retry": "Waiting for retry backoff",
     "behind_higher_priority": "Queued behind higher-priority work",
     "no_workers": "No workers connected",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from chunkq.workers import ChunkTask, DoNotRetry
+from chunkq.workers import ChunkTask, DoNotRetry, RetryAfter
 
 SLEEP = float(os.environ.get("CHUNKQ_TEST_SLEEP", "0"))
 
@@ -53,6 +53,20 @@ def slow_index(chunk: ChunkTask) -> None:
         with open(os.environ["CHUNKQ_TEST_MARK"], "w") as mark:
             mark.write(str(os.getpid()))
         time.sleep(SLEEP)
+
+
+def record_overlap(chunk: ChunkTask) -> None:
+    """Sleeps CHUNKQ_TEST_SLEEP seconds, then appends "job start end" (monotonic clock) to CHUNKQ_TEST_MARK."""
+    start = time.monotonic()
+    time.sleep(SLEEP)
+    with open(os.environ["CHUNKQ_TEST_MARK"], "a") as marks:
+        marks.write(f"{chunk.job_id} {start} {time.monotonic()}\n")
+
+
+def throttled_first(chunk: ChunkTask) -> None:
+    """The first attempt of every chunk answers like a site with HTTP 429 and Retry-After: 0.3."""
+    if chunk.attempt == 1:
+        raise RetryAfter(0.3, "HTTP 429 from images.example.com")
 
 
 def report_prometheus_imported(chunk: ChunkTask) -> None:

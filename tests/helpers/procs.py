@@ -137,3 +137,50 @@ def drain_with_complete_and_claim(dsn: str, worker: str, batch: int, results: An
                 break
             handed += held
     results.put(handed)
+
+
+def hold_and_complete(dsn: str, job_id: int | None, hold: float, seconds: float, barrier: Any, results: Any) -> None:
+    """Claims one chunk at a time (of ``job_id``, or any), holds it ``hold`` seconds, completes it; for
+    ``seconds``. Sends back, per chunk, (chunk id, job id, start, end) on the machine's monotonic clock, start
+    taken after the claim returned and end before the completion: inside the time the chunk really was
+    processing, so overlaps counted from them never exceed the real ones."""
+    import time
+
+    held: list[tuple[int, int, float, float]] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        barrier.wait()
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            row = conn.execute(
+                "SELECT id, job_id, attempt, lease_token FROM chunkq.claim_chunks('hold', 1, %s)", (job_id,)
+            ).fetchone()
+            if row is None:
+                time.sleep(0.005)
+                continue
+            start = time.monotonic()
+            time.sleep(hold)
+            end = time.monotonic()
+            conn.execute("SELECT chunkq.complete_chunk(%s, %s, %s)", (row[0], row[2], row[3]))
+            held.append((row[0], row[1], start, end))
+    results.put(held)
+
+
+def claim_for_a_while(dsn: str, job_id: int, seconds: float, barrier: Any, results: Any) -> None:
+    """Claims (one chunk per call) and completes at once, as fast as it can, for ``seconds``; sends back how
+    many chunks it got."""
+    import time
+
+    got = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        barrier.wait()
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            row = conn.execute(
+                "SELECT id, attempt, lease_token FROM chunkq.claim_chunks('rate', 1, %s)", (job_id,)
+            ).fetchone()
+            if row is None:
+                time.sleep(0.002)
+                continue
+            conn.execute("SELECT chunkq.complete_chunk(%s, %s, %s)", row)
+            got += 1
+    results.put(got)

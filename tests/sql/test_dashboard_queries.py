@@ -1,4 +1,4 @@
-"""0010's functions for the dashboard, called directly: job search and paging, one job's overview and failure
+"""0011's functions for the dashboard, called directly: job search and paging, one job's overview and failure
 kinds, every reason job_blockers gives, metrics_snapshot's bounds."""
 
 from __future__ import annotations
@@ -83,6 +83,33 @@ def test_every_reason_a_job_is_not_moving(conn):
     with pytest.raises(psycopg.Error) as caught:
         conn.execute("SELECT * FROM chunkq.job_blockers(999)")
     assert caught.value.sqlstate == "CQ002"
+
+
+def test_the_schedulers_reasons(conn):
+    """0010's limits and failure budget hold a job back too; each is one more row."""
+    with psycopg.connect(conn.info.dsn, application_name="chunkq worker test:1"):
+        capped = new_job(conn, 500 * 4)
+        conn.execute("SELECT chunkq.set_job_limits(%s, '{\"max_running\": 1}')", (capped,))
+        assert len(claim(conn, limit=3, job_id=capped)) == 1
+        assert reasons(conn, capped) == ["capped"]
+
+        keyed = new_job(conn, 500 * 3)
+        conn.execute("SELECT chunkq.set_rate_limit('images.example.com', p_max_running => 1)")
+        conn.execute('SELECT chunkq.set_job_limits(%s, \'{"rate_key": "images.example.com"}\')', (keyed,))
+        claim(conn, job_id=keyed)
+        assert "rate_limited" in reasons(conn, keyed)
+        detail = conn.execute(
+            "SELECT detail FROM chunkq.job_blockers(%s) WHERE reason = 'rate_limited'", (keyed,)
+        ).fetchone()[0]
+        assert "images.example.com" in detail and "capped" in detail
+
+        budget = new_job(conn, 500 * 4)
+        conn.execute("SELECT chunkq.set_job_limits(%s, '{\"max_failed_chunks\": 1}')", (budget,))
+        for chunk_id, attempt in claim(conn, limit=2, job_id=budget):  # two failed: more than max_failed_chunks
+            conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'HTTP 404')", (chunk_id, attempt))
+        assert reasons(conn, budget) == ["paused"]
+        detail = conn.execute("SELECT detail FROM chunkq.job_blockers(%s)", (budget,)).fetchone()[0]
+        assert "by an operator" not in detail and "failed" in detail
 
 
 def test_metrics_snapshot_bounds_its_series(conn):

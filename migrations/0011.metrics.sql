@@ -1,8 +1,8 @@
--- chunkq 0010: what a dashboard and Prometheus read. One call for every gauge a
+-- chunkq 0011: what a dashboard and Prometheus read. One call for every gauge a
 -- scrape needs (metrics_snapshot, from the counter rows, never a count over
 -- job_chunks); jobs found by status and name a page at a time; one job's
 -- overview, its failures by kind, and the reasons it is not moving.
--- depends: 0009.operator-safety
+-- depends: 0010.scheduler
 
 -- ---------------------------------------------------------------------------
 -- Metrics
@@ -93,28 +93,28 @@ BEGIN
       LEFT JOIN chunkq.crawl_jobs j ON j.status = st
      GROUP BY st;
 
-    -- The queue by priority: pending chunks from the counters of unfinished jobs (a
-    -- chunk that can still run has its job's priority), and the age of the oldest
-    -- one a claim may take, read at the head of the claim index for that priority.
+    -- The queue by priority, from the counters of unfinished jobs (a chunk that can
+    -- still run has its job's priority): pending chunks, and the age of the oldest,
+    -- which is its job's: create_chunks makes all of a job's chunks in one transaction.
     -- A paused job's chunks are left out of the age: a paused job is not a stuck queue.
     RETURN QUERY
-    WITH by_priority AS (
-        SELECT j.priority, sum(k.pending) AS pending
+    WITH waiting AS (
+        SELECT j.priority, j.chunked_at, j.paused_at, sum(k.pending) AS pending
           FROM chunkq.crawl_jobs j JOIN chunkq.job_chunk_counts k ON k.job_id = j.id
          WHERE j.finished_at IS NULL
-         GROUP BY j.priority
+         GROUP BY j.id
         HAVING sum(k.pending) > 0
+    ), by_priority AS (
+        SELECT w.priority, sum(w.pending) AS pending,
+               extract(epoch FROM now() - min(w.chunked_at) FILTER (WHERE w.paused_at IS NULL))::float8 AS oldest
+          FROM waiting w
+         GROUP BY w.priority
     )
     SELECT m.metric, m.labels, m.value
       FROM by_priority p
      CROSS JOIN LATERAL (VALUES
         ('chunkq_queue_pending_chunks', jsonb_build_object('priority', p.priority::text), p.pending::float8),
-        ('chunkq_queue_oldest_pending_age_seconds', jsonb_build_object('priority', p.priority::text),
-         (SELECT extract(epoch FROM now() - c.created_at)::float8
-            FROM chunkq.job_chunks c
-           WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.priority = p.priority
-           ORDER BY c.priority DESC, c.id
-           LIMIT 1))
+        ('chunkq_queue_oldest_pending_age_seconds', jsonb_build_object('priority', p.priority::text), p.oldest)
      ) m(metric, labels, value)
      WHERE m.value IS NOT NULL;
 
@@ -229,8 +229,8 @@ COMMENT ON FUNCTION chunkq.job_failure_summary(bigint, integer) IS
 
 CREATE TYPE chunkq.job_blocker AS (reason text, detail text);
 COMMENT ON TYPE chunkq.job_blocker IS
-    'Why a job is not moving: a reason code (finished, not_chunked, paused, waiting_for_retry, '
-    'behind_higher_priority, no_workers) and a sentence about this job. See job_blockers().';
+    'Why a job is not moving: a reason code (finished, not_chunked, paused, capped, rate_limited, '
+    'waiting_for_retry, behind_higher_priority, no_workers) and a sentence about this job. See job_blockers().';
 
 CREATE FUNCTION chunkq.job_blockers(p_job_id bigint) RETURNS SETOF chunkq.job_blocker
 LANGUAGE plpgsql STABLE AS $$
@@ -241,6 +241,7 @@ DECLARE
     v_progress chunkq.job_progress;
     v_waiting boolean;
     v_ahead smallint;
+    v_key_held text;
 BEGIN
     SELECT * INTO v_job FROM chunkq.crawl_jobs WHERE id = p_job_id;
     IF NOT FOUND THEN
@@ -261,10 +262,20 @@ BEGIN
         RETURN NEXT ('not_chunked', 'nothing to claim yet: create_chunks has not split the job')::chunkq.job_blocker;
         RETURN;
     END IF;
-    IF v_job.paused_at IS NOT NULL THEN
-        RETURN NEXT ('paused', format('paused since %s: its %s pending chunks wait for resume_job(%s)',
+    IF v_job.paused_at IS NOT NULL THEN  -- by an operator, or by its failure budget (0010), which says why
+        RETURN NEXT ('paused', format('paused %s since %s: its %s pending chunks wait for resume_job(%s)',
+                                      coalesce(v_job.paused_reason, 'by an operator'),
                                       date_trunc('second', v_job.paused_at), v_progress.pending_chunks,
                                       p_job_id))::chunkq.job_blocker;
+    END IF;
+    IF v_job.max_running IS NOT NULL AND v_progress.processing_chunks >= v_job.max_running
+       AND v_progress.pending_chunks > 0 THEN
+        RETURN NEXT ('capped', format('%s chunks running, its max_running %s: the others wait for one to finish',
+                                      v_progress.processing_chunks, v_job.max_running))::chunkq.job_blocker;
+    END IF;
+    SELECT l.held_back INTO v_key_held FROM chunkq.rate_limit_state l WHERE l.key = v_job.rate_key;
+    IF v_key_held IS NOT NULL AND v_progress.pending_chunks > 0 THEN
+        RETURN NEXT ('rate_limited', format('its rate key %s is %s', v_job.rate_key, v_key_held))::chunkq.job_blocker;
     END IF;
     IF v_waiting THEN
         RETURN NEXT ('waiting_for_retry',
@@ -274,9 +285,10 @@ BEGIN
     END IF;
     IF v_progress.pending_chunks > 0 AND v_progress.processing_chunks = 0 AND v_job.paused_at IS NULL
        AND NOT v_waiting THEN
+        -- The head of the claim index (unlimited chunks; limited ones are claimed apart).
         SELECT c.priority INTO v_ahead FROM chunkq.job_chunks c
-         WHERE c.status = 'pending' AND c.available_at < 'infinity' AND c.available_at <= now()
-         ORDER BY c.priority DESC, c.id LIMIT 1;
+         WHERE c.status = 'pending' AND c.available_at < 'infinity' AND NOT c.limited AND c.available_at <= now()
+         ORDER BY c.priority DESC LIMIT 1;
         IF v_ahead > v_job.priority THEN
             RETURN NEXT ('behind_higher_priority',
                          format('claimable chunks of priority %s are taken before this job''s (priority %s)',
@@ -289,7 +301,8 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION chunkq.job_blockers(bigint) IS
     'Why a job is not moving, one row per reason (none: it moves, or waits only for its running chunks): '
-    'finished, not chunked, paused, every pending chunk in retry backoff, queued behind claimable chunks of a '
+    'finished, not chunked, paused (by an operator or its failure budget), capped by max_running, its rate key '
+    'blocked, capped or rate-limited, every pending chunk in retry backoff, queued behind claimable chunks of a '
     'higher priority, no worker connected. Example: SELECT * FROM chunkq.job_blockers(42);';
 
 -- API functions run as their owner with a fixed search_path, like every other
@@ -314,4 +327,4 @@ GRANT EXECUTE ON FUNCTION
     TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 10';
+LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 11';
