@@ -31,6 +31,8 @@ EXPECT = {
     "vacuum": ["job_chunks", "VACUUM"],
     "roles": ["CREATE ROLE", "DROP ROLE"],
     "lease-token": ["1236", "gone:1", "token_hidden", " t\n"],
+    "held-back": ["held_back", "next_turn", "42"],
+    "limits": ["images.example.com", "max_running", "weight"],
 }
 
 
