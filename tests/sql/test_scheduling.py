@@ -1,4 +1,5 @@
-"""SQL API: the scheduler in the claim — fair share across jobs, caps, rate limits by key, retry-after, failure budget."""
+"""SQL API: the scheduler in the claim — fair share across jobs, caps, rate limits by key, retry-after, failure
+budget."""
 
 from __future__ import annotations
 
