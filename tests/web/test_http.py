@@ -52,6 +52,12 @@ def test_pages_answer_and_bad_input_gets_the_right_status(conn, start_web):
     ):
         assert web.get(path).status_code == 200, path
     assert "HTTP # from the search engine" in web.get(f"/jobs/{job_id}").text  # the failure, by kind
+    conn.execute(
+        'SELECT chunkq.set_job_limits(%s, \'{"max_running": 2, "rate_key": "img.example", "max_failed_chunks": 9}\')',
+        (job_id,),
+    )
+    settings = web.get(f"/jobs/{job_id}").text
+    assert "at most 2 running" in settings and "<code>img.example</code>" in settings and "failed chunks 9" in settings
 
     expected = {
         "/jobs/999999": 404,
