@@ -126,10 +126,16 @@ BEGIN
         ('chunkq_expired_leases',
          (SELECT count(*) FROM chunkq.job_chunks c WHERE c.lease_expires_at < now())::float8),
         ('chunkq_workers_connected', (SELECT count(*) FROM chunkq._connected_workers())::float8),
+        -- A deferral (a handler's retry-after, 0010) is kept in chunk_errors too, but is no failure.
         ('chunkq_chunk_errors_per_second',
-         (SELECT count(*) FROM chunkq.chunk_errors e WHERE e.failed_at > now() - interval '1 minute')::float8 / 60),
+         (SELECT count(*) FROM chunkq.chunk_errors e
+           WHERE e.failed_at > now() - interval '1 minute' AND NOT e.deferred)::float8 / 60),
+        ('chunkq_chunk_deferrals_per_second',
+         (SELECT count(*) FROM chunkq.chunk_errors e
+           WHERE e.failed_at > now() - interval '1 minute' AND e.deferred)::float8 / 60),
         ('chunkq_chunk_errors_last_hour',
-         (SELECT count(*) FROM chunkq.chunk_errors e WHERE e.failed_at > now() - interval '1 hour')::float8),
+         (SELECT count(*) FROM chunkq.chunk_errors e
+           WHERE e.failed_at > now() - interval '1 hour' AND NOT e.deferred)::float8),
         ('chunkq_dead_chunk_rows',
          (SELECT s.n_dead_tup FROM pg_stat_user_tables s WHERE s.relid = 'chunkq.job_chunks'::regclass)::float8),
         ('chunkq_last_vacuum_timestamp_seconds',

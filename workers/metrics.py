@@ -64,7 +64,7 @@ def start_worker(config: PoolConfig) -> None:
 
 
 def chunk_outcome(outcome: str) -> None:
-    """completed, retrying, failed, lease_lost, cancelled, released, refused."""
+    """completed, retrying, failed, deferred, lease_lost, cancelled, released, refused."""
     if _counts is not None:
         _counts.chunks.labels(outcome).inc()
 

@@ -130,3 +130,23 @@ def test_metrics_snapshot_bounds_its_series(conn):
         with pytest.raises(psycopg.Error) as caught:
             conn.execute("SELECT * FROM chunkq.metrics_snapshot(%s)", (bad,))
         assert caught.value.sqlstate == "CQ001"
+
+
+def test_a_deferral_is_no_error_in_the_metrics(conn):
+    job_id = new_job(conn, 500 * 3)
+    first, second = conn.execute(
+        "SELECT id, attempt, lease_token FROM chunkq.claim_chunks('w', 2, %s)", (job_id,)
+    ).fetchall()
+    conn.execute("SELECT chunkq.defer_chunk(%s, %s, '1 minute', 'HTTP 429', p_lease_token => %s)", first)
+    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'HTTP 500', true, p_lease_token => %s)", second)
+    gauges = dict(
+        conn.execute(
+            "SELECT metric, value FROM chunkq.metrics_snapshot(0) WHERE metric IN ('chunkq_chunk_errors_last_hour',"
+            " 'chunkq_chunk_errors_per_second', 'chunkq_chunk_deferrals_per_second')"
+        ).fetchall()
+    )
+    assert gauges == {
+        "chunkq_chunk_errors_last_hour": 1,
+        "chunkq_chunk_errors_per_second": 1 / 60,
+        "chunkq_chunk_deferrals_per_second": 1 / 60,
+    }
