@@ -109,7 +109,11 @@ COMPLETE_CHUNK = (
 )
 HEARTBEAT_CHUNKS = (
     f"SELECT {columns(LeaseState)} FROM chunkq.heartbeat_chunks(%(chunk_ids)s::bigint[], %(attempts)s::integer[],"
-    " %(lease)s::interval, %(lease_tokens)s::uuid[])"
+    " %(lease)s::interval, %(lease_tokens)s::uuid[], %(positions)s::bigint[], %(states)s::jsonb[])"
+)
+CHECKPOINT_CHUNK = (
+    f"SELECT {CHUNK} FROM chunkq.checkpoint_chunk(%(chunk_id)s::bigint, %(attempt)s::integer, %(position)s::bigint,"
+    " %(state)s::jsonb, %(lease_token)s::uuid, %(lease)s::interval)"
 )
 FAIL_CHUNK = (
     f"SELECT {columns(ChunkOutcome)} FROM chunkq.fail_chunk(%(chunk_id)s::bigint, %(attempt)s::integer,"

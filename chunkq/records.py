@@ -125,9 +125,17 @@ class JobChunk(ImageRange):
     heartbeat_at: datetime | None
     finished_at: datetime | None
     lease_token: UUID | None  # only in what a claim returns: the claimer's proof of holding the chunk
+    checkpoint_position: int | None  # the last image a handler reported done; the next attempt resumes after it
+    checkpoint_state: Any  # the handler's own JSON saved with the checkpoint
+    checkpoint_at: datetime | None
 
     def __post_init__(self) -> None:
         _coerce(self, "status", ChunkStatus)
+
+    @property
+    def resume_from(self) -> int:
+        """The first image still to do: after the checkpoint, if an earlier attempt left one."""
+        return self.image_start if self.checkpoint_position is None else self.checkpoint_position + 1
 
     @property
     def lease(self) -> Lease:
@@ -166,6 +174,7 @@ class ProgressDict(TypedDict):
     cancelled_chunks: int
     completion_percentage: float
     is_complete: bool
+    images_completed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +195,7 @@ class JobProgress:
     completed_images: int
     retrying_chunks: int  # pending chunks waiting out a retry back-off
     next_retry_at: datetime | None  # when the first of them may be claimed again
+    images_completed: int  # images of completed chunks plus those checkpointed in unfinished ones
 
     def __post_init__(self) -> None:
         _coerce(self, "status", JobStatus)
@@ -202,6 +212,7 @@ class JobProgress:
             cancelled_chunks=self.cancelled_chunks,
             completion_percentage=self.completion_percentage,
             is_complete=self.is_complete,
+            images_completed=self.images_completed,
         )
 
 

@@ -26,7 +26,7 @@ from .errors import SchemaNotMigrated, ValidationError
 logger = logging.getLogger("chunkq")
 
 #: The chunkq.schema_version() this client needs (the number of the last migration).
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 
 def migrations_path() -> Path:

@@ -111,12 +111,14 @@ CREATE TYPE chunkq.job_progress AS (
     max_images bigint,
     completed_images bigint,
     retrying_chunks integer,
-    next_retry_at timestamp with time zone
+    next_retry_at timestamp with time zone,
+    images_completed bigint
 );
 COMMENT ON TYPE chunkq.job_progress IS
     'Progress of one job. completion_percentage = completed / total * 100; is_complete = the job has chunks and '
-    'none is pending or processing; completed_images counts the images of completed chunks; retrying_chunks are '
-    'pending chunks waiting out a retry back-off, the next of them due at next_retry_at.';
+    'none is pending or processing; completed_images counts the images of completed chunks, images_completed also '
+    'the images checkpointed in unfinished ones; retrying_chunks are pending chunks waiting out a retry back-off, '
+    'the next of them due at next_retry_at.';
 GRANT USAGE ON TYPE chunkq.job_progress TO PUBLIC;
 
 CREATE TYPE chunkq.lease_state AS (
@@ -410,6 +412,11 @@ CREATE TABLE chunkq.job_chunks (
     lease_token uuid,
     vpos double precision NOT NULL DEFAULT 0,
     limited boolean NOT NULL DEFAULT false,
+    checkpoint_position bigint,
+    checkpoint_state jsonb,
+    checkpoint_at timestamp with time zone,
+    CONSTRAINT job_chunks_checkpoint_in_range CHECK (checkpoint_position >= image_start AND checkpoint_position <= image_end),
+    CONSTRAINT job_chunks_checkpoint_state_needs_position CHECK (checkpoint_state IS NULL OR checkpoint_position IS NOT NULL),
     CONSTRAINT job_chunks_completed_was_claimed CHECK (status <> 'completed'::chunkq.chunk_status OR attempt > 0),
     CONSTRAINT job_chunks_counts_not_negative CHECK (attempt >= 0 AND retry_count >= 0),
     CONSTRAINT job_chunks_failed_has_error CHECK (status <> 'failed'::chunkq.chunk_status OR error_message IS NOT NULL),
@@ -461,6 +468,15 @@ COMMENT ON COLUMN chunkq.job_chunks.vpos IS
     'priority, so jobs with work take turns.';
 COMMENT ON COLUMN chunkq.job_chunks.limited IS
     'Internal: the chunk''s job is limited (a cap or a limited rate_key): it is claimed apart, under the limits.';
+COMMENT ON COLUMN chunkq.job_chunks.checkpoint_position IS
+    'The last image a handler reported done (a checkpoint); the next attempt resumes after it. NULL: none yet.';
+COMMENT ON COLUMN chunkq.job_chunks.checkpoint_state IS
+    'Small JSON state the handler saved with its checkpoint, handed to the next attempt.';
+COMMENT ON COLUMN chunkq.job_chunks.checkpoint_at IS 'When the checkpoint was recorded.';
+
+CREATE INDEX job_chunks_checkpointed ON chunkq.job_chunks USING btree (job_id) WHERE ((checkpoint_position IS NOT NULL) AND (status = ANY (ARRAY['pending'::chunkq.chunk_status, 'processing'::chunkq.chunk_status, 'failed'::chunkq.chunk_status])));
+COMMENT ON INDEX chunkq.job_chunks_checkpointed IS
+    'Unfinished chunks with a checkpoint: the few whose partial work progress counts.';
 
 CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks USING btree (priority DESC, vpos, id) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone) AND (NOT limited));
 COMMENT ON INDEX chunkq.job_chunks_claim_order IS
@@ -533,8 +549,10 @@ CREATE TABLE chunkq.settings (
     max_error_length integer NOT NULL DEFAULT 10000,
     retry_base_delay interval NOT NULL DEFAULT '00:00:10'::interval,
     retry_max_delay interval NOT NULL DEFAULT '01:00:00'::interval,
+    max_checkpoint_state_bytes integer NOT NULL DEFAULT 65536,
     CONSTRAINT settings_chunk_size_in_range CHECK (chunk_size >= 1 AND chunk_size <= 1000000),
     CONSTRAINT settings_lease_positive CHECK (default_lease > '00:00:00'::interval),
+    CONSTRAINT settings_max_checkpoint_state_in_range CHECK (max_checkpoint_state_bytes >= 0 AND max_checkpoint_state_bytes <= 10485760),
     CONSTRAINT settings_max_chunks_positive CHECK (max_chunks_per_job >= 1 AND max_chunks_per_job <= 100000000),
     CONSTRAINT settings_max_error_length_in_range CHECK (max_error_length >= 100 AND max_error_length <= 1000000),
     CONSTRAINT settings_max_retries_in_range CHECK (default_max_retries >= 0 AND default_max_retries <= 1000),
@@ -562,6 +580,8 @@ COMMENT ON COLUMN chunkq.settings.max_error_length IS
 COMMENT ON COLUMN chunkq.settings.retry_base_delay IS
     'First automatic retry waits about this long; each further retry doubles it (plus jitter).';
 COMMENT ON COLUMN chunkq.settings.retry_max_delay IS 'Upper bound on the wait before an automatic retry.';
+COMMENT ON COLUMN chunkq.settings.max_checkpoint_state_bytes IS
+    'Largest checkpoint state (as JSON text) a handler may save with a checkpoint.';
 GRANT SELECT ON TABLE chunkq.settings TO chunkq_reader;
 
 -- ---------------------------------------------------------------------------
@@ -902,6 +922,48 @@ COMMENT ON FUNCTION chunkq._apply_chunk_moves(chunkq._chunk_move[]) IS
     'Internal: books status changes of chunks into job_chunk_counts in one statement, locking the counter rows in '
     '(job, slot) order, and settles the jobs whose counts opened or closed or that were just started (_settle_job).';
 
+CREATE OR REPLACE FUNCTION chunkq._check_checkpoints(p_chunk_ids bigint[], p_positions bigint[], p_states jsonb[])
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    v_max integer := (SELECT max_checkpoint_state_bytes FROM chunkq.settings);
+    v_bad record;
+BEGIN
+    IF p_positions IS NULL THEN
+        IF EXISTS (SELECT 1 FROM unnest(p_states) s WHERE s IS NOT NULL) THEN
+            RAISE EXCEPTION 'a checkpoint state needs its position' USING ERRCODE = 'CQ001';
+        END IF;
+        RETURN;
+    END IF;
+    IF cardinality(p_positions) IS DISTINCT FROM cardinality(p_chunk_ids)
+       OR (p_states IS NOT NULL AND cardinality(p_states) IS DISTINCT FROM cardinality(p_chunk_ids)) THEN
+        RAISE EXCEPTION 'checkpoint positions and states must be one per chunk' USING ERRCODE = 'CQ001';
+    END IF;
+    SELECT w.chunk_id, w.position, c.image_start, c.image_end, octet_length(w.state::text) AS size
+      INTO v_bad
+      FROM unnest(p_chunk_ids, p_positions, p_states) AS w(chunk_id, position, state)
+      LEFT JOIN chunkq.job_chunks c ON c.id = w.chunk_id
+     WHERE (w.position IS NULL AND w.state IS NOT NULL)
+        OR (w.position IS NOT NULL AND c.id IS NOT NULL AND w.position NOT BETWEEN c.image_start AND c.image_end)
+        OR octet_length(w.state::text) > v_max
+     LIMIT 1;
+    IF FOUND THEN
+        IF v_bad.position IS NULL THEN
+            RAISE EXCEPTION 'chunk %: a checkpoint state needs its position', v_bad.chunk_id USING ERRCODE = 'CQ001';
+        ELSIF v_bad.size > v_max THEN
+            RAISE EXCEPTION 'chunk %: checkpoint state of % bytes, more than settings.max_checkpoint_state_bytes %',
+                v_bad.chunk_id, v_bad.size, v_max USING ERRCODE = 'CQ001';
+        END IF;
+        RAISE EXCEPTION 'chunk %: checkpoint position % is outside its images % .. %',
+            v_bad.chunk_id, v_bad.position, v_bad.image_start, v_bad.image_end USING ERRCODE = 'CQ001';
+    END IF;
+END $function$;
+COMMENT ON FUNCTION chunkq._check_checkpoints(bigint[], bigint[], jsonb[]) IS
+    'Internal: raises CQ001 for a checkpoint position outside its chunk''s images, a state without a position or a '
+    'state larger than settings.max_checkpoint_state_bytes.';
+
 CREATE OR REPLACE FUNCTION chunkq._check_chunk_jobs()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -991,6 +1053,22 @@ END $function$;
 COMMENT ON FUNCTION chunkq._check_override(integer) IS
     'Internal: raises insufficient_privilege when a NULL attempt (skip the fencing check) comes from a role that '
     'is not chunkq_app, a superuser or the schema owner.';
+
+CREATE OR REPLACE FUNCTION chunkq._checkpointed_images(p_job_id bigint)
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT coalesce(sum(c.checkpoint_position - c.image_start + 1), 0)::bigint
+      FROM chunkq.job_chunks c
+     WHERE c.job_id = p_job_id AND c.checkpoint_position IS NOT NULL
+       AND c.status IN ('pending', 'processing', 'failed');
+$function$;
+COMMENT ON FUNCTION chunkq._checkpointed_images(bigint) IS
+    'Internal: images done by a job''s unfinished chunks, from their checkpoints (the job_chunks_checkpointed '
+    'index: only those chunks).';
+GRANT EXECUTE ON FUNCTION chunkq._checkpointed_images(bigint) TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq._claim_allowances(p_limit integer, p_job_id bigint)
  RETURNS TABLE(job_id bigint, allowance integer)
@@ -1757,6 +1835,41 @@ COMMENT ON FUNCTION chunkq.cancel_job(bigint) IS
     'next heartbeat or report). Cancelling a cancelled job does nothing; a completed or failed one raises CQ004.';
 GRANT EXECUTE ON FUNCTION chunkq.cancel_job(bigint) TO chunkq_app;
 
+CREATE OR REPLACE FUNCTION chunkq.checkpoint_chunk(p_chunk_id bigint, p_attempt integer, p_position bigint, p_state jsonb DEFAULT NULL::jsonb, p_lease_token uuid DEFAULT NULL::uuid, p_lease interval DEFAULT NULL::interval)
+ RETURNS chunkq.job_chunks
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_lease interval := chunkq._lease(p_lease);
+    v_waived constant boolean := CASE WHEN p_lease_token IS NULL THEN chunkq._may_override() ELSE false END;
+    v_chunk chunkq.job_chunks;
+BEGIN
+    PERFORM chunkq._check_override(p_attempt);
+    IF p_position IS NULL THEN
+        RAISE EXCEPTION 'a checkpoint needs the position of the last image done' USING ERRCODE = 'CQ001';
+    END IF;
+    PERFORM chunkq._check_checkpoints(ARRAY[p_chunk_id], ARRAY[p_position], ARRAY[p_state]);
+    UPDATE chunkq.job_chunks c
+       SET checkpoint_position = p_position, checkpoint_state = p_state, checkpoint_at = now(),
+           lease_expires_at = now() + v_lease, heartbeat_at = now()
+     WHERE c.id = p_chunk_id AND c.status = 'processing' AND (p_attempt IS NULL OR c.attempt = p_attempt)
+       AND (c.lease_token = p_lease_token OR v_waived)
+    RETURNING c.* INTO v_chunk;
+    IF NOT FOUND THEN
+        PERFORM chunkq._refuse_report(p_chunk_id, p_attempt, 'checkpoint', p_lease_token);
+    END IF;
+    RETURN v_chunk;
+END $function$;
+COMMENT ON FUNCTION chunkq.checkpoint_chunk(bigint, integer, bigint, jsonb, uuid, interval) IS
+    'Records how far a handler got in a chunk it holds: p_position, the last image done, and p_state, a little '
+    'JSON of its own (at most settings.max_checkpoint_state_bytes); also extends the lease. Fenced like every '
+    'report (CQ006 for a stale attempt or another token). A retried or reclaimed chunk hands the checkpoint to its '
+    'next attempt.';
+GRANT EXECUTE ON FUNCTION chunkq.checkpoint_chunk(bigint, integer, bigint, jsonb, uuid, interval) TO chunkq_worker;
+
 CREATE OR REPLACE FUNCTION chunkq.chunk_error_history(p_chunk_id bigint)
  RETURNS SETOF chunkq.chunk_errors
  LANGUAGE plpgsql
@@ -2316,7 +2429,7 @@ COMMENT ON FUNCTION chunkq.heartbeat_chunk(bigint, integer, interval, text, uuid
     'chunkq_app may pass NULLs (operator use).';
 GRANT EXECUTE ON FUNCTION chunkq.heartbeat_chunk(bigint, integer, interval, text, uuid) TO chunkq_worker;
 
-CREATE OR REPLACE FUNCTION chunkq.heartbeat_chunks(p_chunk_ids bigint[], p_attempts integer[], p_lease interval DEFAULT NULL::interval, p_lease_tokens uuid[] DEFAULT NULL::uuid[])
+CREATE OR REPLACE FUNCTION chunkq.heartbeat_chunks(p_chunk_ids bigint[], p_attempts integer[], p_lease interval DEFAULT NULL::interval, p_lease_tokens uuid[] DEFAULT NULL::uuid[], p_positions bigint[] DEFAULT NULL::bigint[], p_states jsonb[] DEFAULT NULL::jsonb[])
  RETURNS SETOF chunkq.lease_state
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -2332,13 +2445,18 @@ BEGIN
        OR (p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) IS DISTINCT FROM cardinality(p_chunk_ids)) THEN
         RAISE EXCEPTION 'p_chunk_ids, p_attempts and p_lease_tokens must have the same length' USING ERRCODE = 'CQ001';
     END IF;
+    PERFORM chunkq._check_checkpoints(p_chunk_ids, p_positions, p_states);
     RETURN QUERY
     WITH wanted AS (
-        SELECT w.chunk_id, w.attempt, w.lease_token
-          FROM unnest(p_chunk_ids, p_attempts, p_lease_tokens) AS w(chunk_id, attempt, lease_token)
+        SELECT w.chunk_id, w.attempt, w.lease_token, w.position, w.state
+          FROM unnest(p_chunk_ids, p_attempts, p_lease_tokens, p_positions, p_states)
+               AS w(chunk_id, attempt, lease_token, position, state)
     ), extended AS (
         UPDATE chunkq.job_chunks c
-           SET lease_expires_at = now() + v_lease, heartbeat_at = now()
+           SET lease_expires_at = now() + v_lease, heartbeat_at = now(),
+               checkpoint_position = coalesce(w.position, c.checkpoint_position),
+               checkpoint_state = CASE WHEN w.position IS NULL THEN c.checkpoint_state ELSE w.state END,
+               checkpoint_at = CASE WHEN w.position IS NULL THEN c.checkpoint_at ELSE now() END
           FROM wanted w
          WHERE c.id = w.chunk_id AND c.attempt = w.attempt AND c.status = 'processing'
            AND (c.lease_token = w.lease_token OR (w.lease_token IS NULL AND v_waived))
@@ -2350,11 +2468,13 @@ BEGIN
       LEFT JOIN chunkq.job_chunks c ON c.id = w.chunk_id
      ORDER BY w.chunk_id;
 END $function$;
-COMMENT ON FUNCTION chunkq.heartbeat_chunks(bigint[], integer[], interval, uuid[]) IS
+COMMENT ON FUNCTION chunkq.heartbeat_chunks(bigint[], integer[], interval, uuid[], bigint[], jsonb[]) IS
     'Extends the leases of several chunks at once (parallel arrays of chunk ids and the attempts and lease tokens '
-    'the caller''s claims returned). Never raises for a lost chunk: it answers held = false for it, so one lost '
-    'chunk does not stop the heartbeat of the others.';
-GRANT EXECUTE ON FUNCTION chunkq.heartbeat_chunks(bigint[], integer[], interval, uuid[]) TO chunkq_worker;
+    'the caller''s claims returned), and records the checkpoints given in p_positions (the last image done; NULL: '
+    'none this time) and p_states. Never raises for a lost chunk: it answers held = false for it, so one lost '
+    'chunk does not stop the heartbeat of the others (its checkpoint is not recorded). Raises CQ001, changing '
+    'nothing, for a position outside its chunk or an oversized state.';
+GRANT EXECUTE ON FUNCTION chunkq.heartbeat_chunks(bigint[], integer[], interval, uuid[], bigint[], jsonb[]) TO chunkq_worker;
 
 CREATE OR REPLACE FUNCTION chunkq.job_blockers(p_job_id bigint)
  RETURNS SETOF chunkq.job_blocker
@@ -2519,11 +2639,13 @@ BEGIN
       FROM chunkq.job_chunks c
      WHERE c.job_id = p_job_id AND c.status = 'pending' AND c.retry_count > 0
        AND c.available_at > now() AND c.available_at < 'infinity';
+    v_progress.images_completed := v_progress.completed_images + chunkq._checkpointed_images(p_job_id);
     RETURN v_progress;
 END $function$;
 COMMENT ON FUNCTION chunkq.job_progress(bigint) IS
-    'Chunk counts by status for one job, from job_chunk_counts (at most 16 rows read, however large the job), and '
-    'how many pending chunks wait out a retry back-off (retrying_chunks) with the moment the next one is due.';
+    'Chunk counts by status for one job, from job_chunk_counts (at most 16 rows read, however large the job); '
+    'images done, completed chunks and checkpoints together (images_completed); how many pending chunks wait out a '
+    'retry back-off (retrying_chunks) with the moment the next one is due.';
 GRANT EXECUTE ON FUNCTION chunkq.job_progress(bigint) TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq.list_chunks(p_job_id bigint, p_status chunkq.chunk_status DEFAULT NULL::chunkq.chunk_status, p_limit integer DEFAULT NULL::integer)
@@ -3005,7 +3127,7 @@ CREATE OR REPLACE FUNCTION chunkq.schema_version()
  LANGUAGE sql
  IMMUTABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$SELECT 11$function$;
+AS $function$SELECT 12$function$;
 COMMENT ON FUNCTION chunkq.schema_version() IS
     'Version of the chunkq schema: the number of the last migration applied. Clients refuse to run against an '
     'older one.';

@@ -10,13 +10,14 @@ the caller is the worker that claimed the chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from .. import _queries as q
 from .._params import default_worker_id, error_text, interval, keywords_json, lease_arrays, limits_json
@@ -292,12 +293,43 @@ class JobChunkRepository:
         return rows[0]
 
     async def heartbeat_many(
-        self, held: Iterable[Lease | tuple[int, int]], *, lease: timedelta | float | None = None
+        self,
+        held: Iterable[Lease | tuple[int, int]],
+        *,
+        lease: timedelta | float | None = None,
+        checkpoints: Mapping[int, tuple[int, Any]] | None = None,
     ) -> list[LeaseState]:
         """Extends the leases of held chunks (``chunk.lease`` of each) in one call; lost ones come back
-        ``held=False``."""
-        params = {**lease_arrays(held), "lease": interval(lease)}
+        ``held=False``. ``checkpoints`` maps a chunk id to (last image done, state) to record with it."""
+        leases = list(held)
+        params: dict[str, Any] = {**lease_arrays(leases), "lease": interval(lease), "positions": None, "states": None}
+        if checkpoints:
+            marks = [checkpoints.get(lease[0]) for lease in leases]
+            params["positions"] = [None if mark is None else mark[0] for mark in marks]
+            params["states"] = [None if mark is None or mark[1] is None else Jsonb(mark[1]) for mark in marks]
         return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState))
+
+    async def checkpoint(
+        self,
+        chunk_id: int,
+        attempt: int | None,
+        position: int,
+        state: Any = None,
+        *,
+        lease_token: UUID | None = None,
+        lease: timedelta | float | None = None,
+    ) -> JobChunk:
+        """Records how far the handler got in a chunk this caller holds (``position``: the last image done, and a
+        little JSON ``state``); a retry of the chunk resumes after it. Also extends the lease."""
+        params = {
+            "chunk_id": chunk_id,
+            "attempt": attempt,
+            "position": position,
+            "state": None if state is None else Jsonb(state),
+            "lease_token": lease_token,
+            "lease": interval(lease),
+        }
+        return (await fetch(self.conn, q.CHECKPOINT_CHUNK, params, record_row(JobChunk)))[0]
 
     async def complete(self, chunk_id: int, attempt: int | None, lease_token: UUID | None = None) -> ChunkOutcome:
         """Marks the chunk completed. Without the attempt and lease token the claim returned, only an operator

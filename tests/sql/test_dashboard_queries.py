@@ -1,4 +1,4 @@
-"""0011's functions for the dashboard, called directly: job search and paging, one job's overview and failure
+"""0012's functions for the dashboard, called directly: job search and paging, one job's overview and failure
 kinds, every reason job_blockers gives, metrics_snapshot's bounds."""
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""SQL API: the scheduler in the claim — fair share across jobs, caps, rate limits by key, retry-after, failure
-budget."""
+"""SQL API: the scheduler in the claim (fair share, caps, rate limits by key, retry-after, failure budget)."""
 
 from __future__ import annotations
 

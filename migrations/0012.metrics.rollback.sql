@@ -1,6 +1,6 @@
--- Rolls back 0011: no metrics snapshot, job search, job overview by id, per-job failure kinds or blockers.
+-- Rolls back 0012: no metrics snapshot, job search, job overview by id, per-job failure kinds or blockers.
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 10';
+LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 11';
 
 DROP FUNCTION chunkq.job_blockers(bigint);
 DROP TYPE chunkq.job_blocker;

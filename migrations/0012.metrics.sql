@@ -1,8 +1,8 @@
--- chunkq 0011: what a dashboard and Prometheus read. One call for every gauge a
+-- chunkq 0012: what a dashboard and Prometheus read. One call for every gauge a
 -- scrape needs (metrics_snapshot, from the counter rows, never a count over
 -- job_chunks); jobs found by status and name a page at a time; one job's
 -- overview, its failures by kind, and the reasons it is not moving.
--- depends: 0010.scheduler
+-- depends: 0011.checkpoints
 
 -- ---------------------------------------------------------------------------
 -- Metrics
@@ -333,4 +333,4 @@ GRANT EXECUTE ON FUNCTION
     TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 11';
+LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 12';
