@@ -1963,15 +1963,17 @@ AS $function$
           FROM chunkq.crawl_jobs j LEFT JOIN chunkq.rate_limits r ON r.key = j.rate_key
          WHERE j.limited AND j.finished_at IS NULL AND j.paused_at IS NULL AND (p_job_id IS NULL OR j.id = p_job_id)
     )
-    SELECT greatest(interval '0', min(CASE
+    -- (greatest() skips a NULL: a NULL "when" must stay NULL, not become 0.)
+    SELECT CASE WHEN m.at IS NOT NULL THEN greatest(interval '0', m.at - clock_timestamp()) END
+      FROM (SELECT min(CASE
                WHEN NOT (has_work AND below_cap) THEN NULL
                WHEN blocked_until > clock_timestamp() THEN blocked_until
                WHEN key_max_running <= (SELECT sum(k.processing) FROM chunkq.crawl_jobs o
                                           JOIN chunkq.job_chunk_counts k ON k.job_id = o.id
                                          WHERE o.rate_key = jobs.rate_key AND o.finished_at IS NULL) THEN NULL
                WHEN tokens < 1 THEN refilled_at + make_interval(secs => (1 - tokens_then) / rate)
-               ELSE clock_timestamp() END) - clock_timestamp())
-      FROM jobs;
+               ELSE clock_timestamp() END) AS at
+              FROM jobs) m;
 $function$;
 COMMENT ON FUNCTION chunkq.claimable_in(bigint) IS
     'How long until a chunk held back by a limit may be claimed (a blocked key, an empty bucket, or 0 when one may '

@@ -38,6 +38,7 @@ class PoolConfig:
     heartbeat: float = 15.0  # seconds between heartbeats while a worker holds chunks
     poll: float = 2.0  # seconds an idle worker waits before looking for work again
     batch: int = 1  # chunks claimed at a time
+    concurrency: int = 1  # chunks each worker process runs at once (threads, or tasks of an async handler)
     job_id: int | None = None  # only this job's chunks
     max_retries: int | None = None  # overrides each job's max_retries for handler failures
     grace: float = 30.0  # seconds running chunks get to finish after SIGTERM
@@ -65,6 +66,8 @@ class PoolConfig:
             raise ConfigError(f"--grace must not be negative, got {self.grace}")
         if not 1 <= self.batch <= 1000:
             raise ConfigError(f"--batch must be between 1 and 1000, got {self.batch}")
+        if not 1 <= self.concurrency <= 1000:
+            raise ConfigError(f"--concurrency must be between 1 and 1000, got {self.concurrency}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ConfigError(f"--max-retries must not be negative, got {self.max_retries}")
         if self.log_format not in ("text", "json"):
@@ -100,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an idle worker waits before looking again (default %(default)s)",
     )
     parser.add_argument("--batch", type=int, default=defaults.batch, help="chunks claimed at a time (default 1)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=defaults.concurrency,
+        help="chunks each process runs at once: tasks of an async handler, threads of a plain one (default 1)",
+    )
     parser.add_argument("--job", type=int, dest="job_id", help="only work on this job's chunks")
     parser.add_argument("--max-retries", type=int, help="retries per chunk, overriding each job's max_retries")
     parser.add_argument(
@@ -147,6 +156,7 @@ def from_args(args: argparse.Namespace) -> PoolConfig:
         heartbeat=args.heartbeat if args.heartbeat is not None else args.lease / 4,
         poll=args.poll,
         batch=args.batch,
+        concurrency=args.concurrency,
         job_id=args.job_id,
         max_retries=args.max_retries,
         grace=args.grace,

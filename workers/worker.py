@@ -1,16 +1,19 @@
 """One worker process: claim chunks, run the handler on each, report the outcome.
 
-The loop: claim (up to --batch chunks) -> for each, run the handler while the
-LeaseKeeper heartbeats -> a failure is reported at once (retried with backoff
-unless DoNotRetry), a completion is held back -> the held-back completions and
-the next claim go in one call (complete_and_claim: one round trip, one commit).
+The process's main thread is the coordinator, the only one that claims and
+reports (the lease keeper shares its connection for heartbeats): it holds up to
+max(--batch, --concurrency) chunks, starts up to --concurrency of them at once
+(see run.py: in this thread, in threads, or as tasks of an async handler), and
+handles each result as it comes: a failure is reported at once (retried with
+backoff unless DoNotRetry; a RetryAfter defers it), a completion is held back
+and goes with the next claim (complete_and_claim: one round trip, one commit).
 A completion is held back only while more chunks as quick as the last one would
 fit in FLUSH_AFTER, so slow chunks are reported as each one finishes. When there
-is nothing to claim, wait for the supervisor's wake-up (a byte on the wake-up
-pipe: a NOTIFY arrived) or the poll interval.
+is nothing to claim, it waits for the supervisor's wake-up (a byte on the
+wake-up pipe: a NOTIFY arrived), the poll interval, or what a limit says.
 
-Stopping (SIGTERM, or the supervisor gone): no more claims; what the handler
-finished is reported as finished, what it did not start is handed back at once,
+Stopping (SIGTERM, or the supervisor gone): no more claims; what a handler
+finished is reported as finished, what was not started is handed back at once,
 and running chunks are handed back if they outlast the grace period (at once if
 the supervisor is gone). Handed back means pending again, no retry spent.
 
@@ -26,35 +29,38 @@ import functools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import psycopg
 
-from chunkq import ChunkCancelled, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
+from chunkq import ChunkCancelled, ChunkNotFound, ChunkStatus, InvalidTransition, JobChunk, JobNotFound, LeaseLost
 from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
 from . import logs, metrics
 from .config import PoolConfig
-from .handler import ChunkTask, DoNotRetry, Handler, RetryAfter, load_handler
+from .handler import ChunkTask, Handler, RetryAfter, load_handler
 from .lease import Held, Holdings, LeaseKeeper
+from .run import Result, make_runner
 
 T = TypeVar("T")
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
-REFUSALS = (LeaseLost, InvalidTransition)  # a chunk is no longer held as this worker thinks
+# A chunk is no longer held as this worker thinks: its lease lapsed, its job was cancelled, or the job was
+# deleted with its chunks (ChunkNotFound: an operator's `job cancel` then `job delete`). Routine, never a crash.
+REFUSALS = (LeaseLost, InvalidTransition, ChunkNotFound)
 #: Seconds a completion may wait to be reported with the next claim.
 FLUSH_AFTER = 1.0
+#: Seconds the keeper waits for the coordinator to finish a report before handing back regardless.
+HAND_BACK_WAIT = 5.0
 #: Shortest wait before claiming again when a limit said "now" (another claimer held the key a moment ago).
 LIMIT_RETRY_MIN = 0.01
-#: Seconds the keeper waits for the main thread to finish a report before handing back regardless.
-HAND_BACK_WAIT = 5.0
 
 
 class Session:
@@ -108,8 +114,12 @@ class Worker:
         self.deadline: float | None = None  # set on SIGTERM: running chunks must be done by then
         self.session = Session(config, self.stopping)
         self.holdings = Holdings()
+        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self.runner = make_runner(handler, config.concurrency, self.results.put)
         self.keywords: dict[int, Any] = {}  # job id -> keywords, fetched once per job
         self.completed_since: float | None = None  # when the oldest completion not reported yet was finished
+        self.last_took = 0.0  # seconds the last chunk took: how long the next one may take
+        self.claim_after = 0.0  # after a claim found nothing while handlers run: not before this (monotonic)
 
     @functools.cached_property
     def worker_id(self) -> str:
@@ -148,24 +158,145 @@ class Worker:
             self.orphaned,
         )
         keeper.start()
-        logs.event("worker started", worker=self.worker_id)
+        logs.event("worker started", worker=self.worker_id, concurrency=self.config.concurrency)
         while not self.stopping.is_set():
-            self.idle[self.slot] = 1  # before claiming, so a wake-up sent meanwhile is not missed
-            chunks = self.session.call(self.claim)
-            if chunks:
-                self.idle[self.slot] = 0
-                self.process(chunks)
-            else:
-                self.wait_for_work()
+            self.start_handlers()
+            if self.holdings.has_waiting() and self.holdings.running < self.config.concurrency:
+                continue  # a slot is free again (a handler run here finished): start the next
+            if self.may_claim() and (time.monotonic() >= self.claim_after or self.woken()):
+                self.idle[self.slot] = 1  # before claiming, so a wake-up sent meanwhile is not missed
+                if self.session.call(self.claim):
+                    self.idle[self.slot] = 0
+                    continue
+                if not self.holdings.running:
+                    self.flush_completions()  # nothing else is coming to carry them
+                    self.wait_for_work()
+                    continue
+                self.claim_after = time.monotonic() + self.wait_time()  # handlers run: look again later
+            self.wait_for_results()
+        # Stopping: what was not started goes back at once; running chunks finish, unless
+        # they outlast the grace period (then the keeper hands them back and ends the process).
+        self.session.call(self.release_waiting)
+        while self.holdings.running:
+            self.wait_for_results()
         self.session.call(self.hand_back)
+        self.runner.close()
         keeper.finished.set()
         logs.event("worker stopped", worker=self.worker_id)
         return 0
 
-    def claim(self, session: Session) -> list[JobChunk]:
-        """Reports the held-back completions and claims up to --batch more chunks, in one call."""
+    def may_claim(self) -> bool:
+        """Claim when every chunk held has started and a handler slot is free."""
+        return not self.holdings.has_waiting() and self.holdings.running < self.config.concurrency
+
+    def start_handlers(self) -> None:
+        """Starts waiting chunks in the free handler slots; with one slot and a plain handler, runs one here."""
+        while self.holdings.running < self.config.concurrency and not self.stopping.is_set():
+            held = self.holdings.next_waiting()
+            if held is None:
+                break
+            if held.lost.is_set():  # reclaimed or cancelled before its turn came: nothing to run
+                with self.holdings.lock:
+                    self.holdings.drop(held.chunk.id)
+                self.log_outcome(held.chunk, "lease_lost", 0.0, None)
+                continue
+            self.holdings.start(held)
+            self.runner.start(held, self.task(held))
+            if self.config.concurrency == 1:
+                break  # one chunk a turn, so its completion is weighed before the next starts
+        self.handle_results()
+
+    def task(self, held: Held) -> ChunkTask:
+        chunk = held.chunk
+        return ChunkTask(
+            chunk.id,
+            chunk.job_id,
+            chunk.chunk_index,
+            chunk.image_start,
+            chunk.image_end,
+            self.job_keywords(chunk.job_id),
+            chunk.attempt,
+            held.lost,
+            resume_from=chunk.resume_from,
+            resume_state=chunk.checkpoint_state,
+            on_checkpoint=held.record_checkpoint,
+        )
+
+    def wait_for_results(self) -> None:
+        """Until a handler finishes (or a moment passes, to look at the stop flag and the flush deadline)."""
         try:
-            return self.report_completed(session, limit=self.config.batch)
+            first = self.results.get(timeout=0.1)
+        except queue.Empty:
+            self.flush_if_due()
+            return
+        self.handle_results(first)
+
+    def handle_results(self, first: Result | None = None) -> None:
+        """Every result that has come in: a completion is held back for the next claim, a failure reported."""
+        while True:
+            if first is not None:
+                result, first = first, None
+            else:
+                try:
+                    result = self.results.get_nowait()
+                except queue.Empty:
+                    break
+            held = result.held
+            self.last_took = result.took
+            metrics.handler_took(result.took)
+            duration_ms = round(result.took * 1000, 1)
+            if result.error is None:
+                with self.holdings.lock:  # so that a hand-back sees it either running or finished
+                    if self.completed_since is None:
+                        self.completed_since = time.monotonic()
+                    self.holdings.finish(held, duration_ms)
+            else:
+                outcome = self.report_failure(held, result.error, result.retry, result.deferral)
+                self.log_outcome(held.chunk, outcome, duration_ms, result.error)
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Reports the held-back completions now if waiting for the next claim would keep them past
+        FLUSH_AFTER: the next claim is at least one more chunk like the last one away."""
+        if self.completed_since is None:
+            return
+        claim_soon = self.may_claim() and not self.stopping.is_set() and time.monotonic() >= self.claim_after
+        if time.monotonic() - self.completed_since + (0 if claim_soon else self.last_took) > FLUSH_AFTER:
+            self.flush_completions()
+
+    def flush_completions(self) -> None:
+        if self.completed_since is not None:
+            self.session.call(self.report_completed)
+
+    def claim(self, session: Session) -> list[JobChunk]:
+        """Reports the held-back completions and claims enough chunks to fill the free handler slots (at
+        least --batch), in one call."""
+        free = self.config.concurrency - self.holdings.running
+        return self.report_completed(session, limit=max(self.config.batch, free))
+
+    def woken(self) -> bool:
+        """Whether the supervisor woke this worker (a NOTIFY came) since it last looked; reads the wake-ups."""
+        if not self.wake.poll(0):
+            return False
+        try:
+            woken = os.read(self.wake.fileno(), 4096)
+        except OSError:
+            woken = b""
+        if not woken:  # end of file: the supervisor's end of the pipe is closed, it is gone
+            self.orphaned()
+        return bool(woken)
+
+    def wait_time(self) -> float:
+        """How long to wait before claiming again after finding nothing: the poll interval, or sooner when a
+        limit (a rate key's bucket, a block) is about to let a chunk be claimed."""
+        hint = self.session.call(lambda s: s.chunks.claimable_in(self.config.job_id))
+        return self.config.poll if hint is None else min(self.config.poll, max(LIMIT_RETRY_MIN, hint.total_seconds()))
+
+    def claim_alone(self, session: Session, limit: int) -> list[JobChunk]:
+        if not limit:
+            return []
+        try:
+            return session.chunks.claim(self.worker_id, limit=limit, job_id=self.config.job_id, lease=self.config.lease)
         except JobNotFound:  # the --job was deleted while we ran: nothing to do, ever
             logs.event("the job to work on no longer exists", level=logging.WARNING, job=self.config.job_id)
             return []
@@ -192,15 +323,10 @@ class Worker:
                         lease=self.config.lease,
                     )
                     outcomes = ["completed"] * len(done)
-                except REFUSALS:
+                except (*REFUSALS, JobNotFound):
+                    # One of the chunks is no longer held, or the --job is gone: each on its own, then the claim.
                     outcomes = [self.deliver(session, held.chunk, None, True) for held in done]
-                    claimed = (
-                        session.chunks.claim(
-                            self.worker_id, limit=limit, job_id=self.config.job_id, lease=self.config.lease
-                        )
-                        if limit
-                        else []
-                    )
+                    claimed = self.claim_alone(session, limit)
             for held in finished:
                 self.holdings.drop(held.chunk.id)
             self.completed_since = None
@@ -211,26 +337,33 @@ class Worker:
             self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
         return claimed
 
+    def release_waiting(self, session: Session) -> None:
+        with self.holdings.lock:
+            self.release(session, self.holdings.waiting_list())
+
     def hand_back(self, session: Session) -> None:
         """On the way out: everything finished is reported as finished; only work not done goes back
         to pending (release_chunk: no retry spent)."""
         with self.holdings.lock:
             self.report_completed(session)
-            self.release_unfinished(session)
+            self.release(session, self.holdings.all())
 
-    def release_unfinished(self, session: Session) -> None:
-        for held in self.holdings.all():
+    def release(self, session: Session, held_chunks: list[Held]) -> None:
+        for held in held_chunks:
             if not held.lost.is_set():
                 chunk = held.chunk
-                session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
-                logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
-                metrics.chunk_outcome("released")
+                try:
+                    session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
+                    logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+                    metrics.chunk_outcome("released")
+                except REFUSALS as refusal:  # not ours any more: nothing to hand back
+                    self.log_outcome(chunk, refused_outcome(refusal), 0.0, None)
             self.holdings.drop(held.chunk.id)
 
     def hand_back_and_exit(self) -> None:
         """The grace period is over (or the supervisor is gone) while chunks are still held: called by the
-        keeper while the handler may still be running. Reports the finished ones, releases the rest, and
-        ends the process, handler and all."""
+        keeper while handlers may still be running. Reports the finished ones, releases the rest, and
+        ends the process, handlers and all."""
         code = 0
         if not self.holdings.lock.acquire(timeout=HAND_BACK_WAIT):  # a report stuck on a dead connection
             logs.event(
@@ -239,6 +372,7 @@ class Worker:
             )
             os._exit(1)
         try:
+            self.handle_finished_results_quietly()
             self.session.call(self.hand_back)
         except BaseException as exc:  # SystemExit too: no reconnecting once stopping
             code = 1  # what was not handed back returns when its lease expires
@@ -246,77 +380,23 @@ class Worker:
         logs.event("grace period over, exiting", exit_code=code)
         os._exit(code)
 
-    def wait_for_work(self) -> None:
-        """Until a wake-up, the poll interval, or sooner when a limit (a rate key's bucket) is about to let a
-        chunk be claimed."""
-        hint = self.session.call(lambda s: s.chunks.claimable_in(self.config.job_id))
-        wait = self.config.poll if hint is None else min(self.config.poll, max(LIMIT_RETRY_MIN, hint.total_seconds()))
-        until = time.monotonic() + wait
-        while not self.stopping.is_set() and (left := until - time.monotonic()) > 0:
-            if self.wake.poll(min(left, 0.2)):
-                try:
-                    woken = os.read(self.wake.fileno(), 4096)
-                except OSError:
-                    woken = b""
-                if not woken:  # end of file: the supervisor's end of the pipe is closed, it is gone
-                    self.orphaned()
+    def handle_finished_results_quietly(self) -> None:
+        """Completions waiting in the results queue count as finished for the hand-back (failures stay
+        running: they are handed back, their retry not spent)."""
+        while True:
+            try:
+                result = self.results.get_nowait()
+            except queue.Empty:
                 return
+            if result.error is None:
+                self.holdings.finish(result.held, round(result.took * 1000, 1))
 
-    def process(self, chunks: list[JobChunk]) -> None:
-        for chunk in chunks:
-            held = self.holdings.get(chunk.id)
-            if self.stopping.is_set() or held is None:
-                break
-            if held.lost.is_set():  # reclaimed or cancelled before its turn came: nothing to run
-                with self.holdings.lock:
-                    self.holdings.drop(chunk.id)
-                self.log_outcome(chunk, "lease_lost", 0.0, None)
-                continue
-            took = self.run_one(held)
-            # Report now if waiting for one more chunk like this one would hold the
-            # completions back longer than FLUSH_AFTER (slow chunks: each one at once).
-            if self.completed_since is not None and time.monotonic() - self.completed_since + took > FLUSH_AFTER:
-                self.session.call(self.report_completed)
-        if self.stopping.is_set():
-            self.session.call(self.hand_back)
-        # Otherwise the completions go with the next claim.
-
-    def run_one(self, held: Held) -> float:
-        """Runs the handler on one chunk; holds back a completion, reports a failure. Seconds it took."""
-        chunk = held.chunk
-        task = ChunkTask(
-            chunk.id,
-            chunk.job_id,
-            chunk.chunk_index,
-            chunk.image_start,
-            chunk.image_end,
-            self.job_keywords(chunk.job_id),
-            chunk.attempt,
-            held.lost,
-        )
-        started = time.monotonic()
-        error: str | None = None
-        retry = True
-        deferral: RetryAfter | None = None
-        try:
-            self.handler(task)
-        except RetryAfter as exc:
-            error, deferral = f"RetryAfter: {exc}", exc
-        except DoNotRetry as exc:
-            error, retry = describe(exc), False
-        except Exception as exc:
-            error = describe(exc)
-        took = time.monotonic() - started
-        metrics.handler_took(took)
-        duration_ms = round(took * 1000, 1)
-        if error is None:
-            with self.holdings.lock:  # so that a hand-back sees it either running or finished
-                if self.completed_since is None:
-                    self.completed_since = time.monotonic()
-                held.took_ms = duration_ms
-        else:
-            self.log_outcome(chunk, self.report_failure(held, error, retry, deferral), duration_ms, error)
-        return took
+    def wait_for_work(self) -> None:
+        """Nothing held, nothing to claim: until a wake-up or the wait_time."""
+        until = time.monotonic() + self.wait_time()
+        while not self.stopping.is_set() and (left := until - time.monotonic()) > 0:
+            if self.wake.poll(min(left, 0.2)) and (self.woken() or self.stopping.is_set()):
+                return
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
         metrics.chunk_outcome(outcome)
@@ -338,7 +418,7 @@ class Worker:
         )
 
     def report_failure(self, held: Held, error: str, retry: bool, deferral: RetryAfter | None = None) -> str:
-        """Records a failure, or a deferral; returns retrying, failed, deferred, lease_lost or cancelled."""
+        """Records a failure, or a deferral; returns retrying, failed, deferred, lease_lost, cancelled or vanished."""
 
         def send(session: Session) -> str:
             with self.holdings.lock:
@@ -354,7 +434,8 @@ class Worker:
     def deliver(
         self, session: Session, chunk: JobChunk, error: str | None, retry: bool, deferral: RetryAfter | None = None
     ) -> str:
-        """Reports one chunk's outcome; returns completed, retrying, failed, deferred, lease_lost or cancelled."""
+        """Reports one chunk's outcome; returns completed, retrying, failed, deferred, lease_lost, cancelled or
+        vanished."""
         try:
             if error is None:
                 session.chunks.complete(chunk.id, chunk.attempt, chunk.lease_token)
@@ -378,14 +459,14 @@ class Worker:
                 lease_token=chunk.lease_token,
             )
             return "retrying" if outcome.chunk_status == ChunkStatus.PENDING else "failed"
-        except ChunkCancelled:
-            return "cancelled"
-        except LeaseLost:
-            return "lease_lost"
+        except (ChunkCancelled, LeaseLost, ChunkNotFound) as refusal:
+            return refused_outcome(refusal)
         except InvalidTransition:
             # A first try may have been recorded just before the connection broke.
             now = session.chunks.get_by_id(chunk.id)
-            if now is not None and now.attempt == chunk.attempt:
+            if now is None:
+                return "vanished"
+            if now.attempt == chunk.attempt:
                 recorded = {
                     ChunkStatus.COMPLETED: "completed",
                     ChunkStatus.FAILED: "failed",
@@ -401,10 +482,13 @@ class Worker:
         return self.keywords[job_id]
 
 
-def describe(exc: BaseException) -> str:
-    """``Type: message`` and the last frames of the traceback, for chunk_errors."""
-    frames = traceback.format_exception(exc, limit=-3)
-    return f"{type(exc).__name__}: {exc}\n" + "".join(frames[:-1]).rstrip()
+def refused_outcome(refusal: Exception) -> str:
+    """The outcome logged for a report chunkq refused: cancelled, vanished (deleted with its job) or lease_lost."""
+    if isinstance(refusal, ChunkCancelled):
+        return "cancelled"
+    if isinstance(refusal, ChunkNotFound):
+        return "vanished"
+    return "lease_lost"
 
 
 def main(config: PoolConfig, slot: int, wake: Connection, idle: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -67,6 +68,41 @@ def throttled_first(chunk: ChunkTask) -> None:
     """The first attempt of every chunk answers like a site with HTTP 429 and Retry-After: 0.3."""
     if chunk.attempt == 1:
         raise RetryAfter(0.3, "HTTP 429 from images.example.com")
+
+
+async def async_record_overlap(chunk: ChunkTask) -> None:
+    """record_overlap as an async handler: awaits CHUNKQ_TEST_SLEEP seconds."""
+    start = time.monotonic()
+    await asyncio.sleep(SLEEP)
+    with open(os.environ["CHUNKQ_TEST_MARK"], "a") as marks:
+        marks.write(f"{chunk.job_id} {start} {time.monotonic()}\n")
+
+
+async def async_slow_first(chunk: ChunkTask) -> None:
+    """Every chunk's first attempt awaits CHUNKQ_TEST_SLEEP seconds; later attempts are instant."""
+    if chunk.attempt == 1:
+        await asyncio.sleep(SLEEP)
+
+
+async def async_until_stopped(chunk: ChunkTask) -> None:
+    """Works until the worker says the chunk is no longer its own (cancelled, lost), at most 60 s."""
+    deadline = time.monotonic() + 60
+    while not chunk.should_stop() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def checkpointing(chunk: ChunkTask) -> None:
+    """Crawls images from resume_from, CHUNKQ_TEST_SLEEP seconds each, checkpointing after every one, and
+    appends "chunk attempt image" to CHUNKQ_TEST_MARK for each image it did."""
+    with open(os.environ["CHUNKQ_TEST_MARK"], "a", buffering=1) as marks:
+        for image in range(chunk.resume_from, chunk.image_end + 1):
+            time.sleep(SLEEP)
+            marks.write(f"{chunk.id} {chunk.attempt} {image}\n")
+            chunk.checkpoint(image, {"done": image})
+
+
+def bad_checkpoint(chunk: ChunkTask) -> None:
+    chunk.checkpoint(chunk.image_end + 1)
 
 
 def report_prometheus_imported(chunk: ChunkTask) -> None:

@@ -433,3 +433,16 @@ def test_job_overview_says_what_holds_each_job_back(conn):
     assert held[keyed] == "rate key slow.example rate-limited: 0.001 chunks/s"
     assert held[retrying].startswith("waiting to retry: 1 chunks, next at ")
     assert held[free] is None
+
+
+def test_claimable_in_says_how_long_until_a_held_back_chunk_may_be_claimed(conn):
+    assert conn.execute("SELECT chunkq.claimable_in()").fetchone() == (None,)  # nothing limited: the poll
+    conn.execute("SELECT chunkq.set_rate_limit('site', 2, 1)")
+    j = job(conn, 10, rate_key="site")
+    assert conn.execute("SELECT chunkq.claimable_in()").fetchone() == (timedelta(0),)  # a token is there: now
+    claim_jobs(conn, 1)
+    wait = conn.execute("SELECT chunkq.claimable_in(%s)", (j,)).fetchone()[0]
+    assert timedelta(seconds=0.3) < wait <= timedelta(seconds=0.5)  # the next token, at 2 per second
+    capped = job(conn, 10, max_running=1)
+    claim_jobs(conn, 1, capped)
+    assert conn.execute("SELECT chunkq.claimable_in(%s)", (capped,)).fetchone() == (None,)  # a completion frees it
