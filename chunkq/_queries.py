@@ -14,12 +14,14 @@ from .records import (
     CrawlJob,
     ExpiredLease,
     FailureKind,
+    JobBlocker,
     JobChunk,
     JobErrorSummary,
     JobOverview,
     JobProgress,
     LeaseState,
     LiveWorker,
+    MetricSample,
     PruneResult,
     QueueDepth,
     QueueStats,
@@ -61,6 +63,17 @@ PRUNE_FINISHED_JOBS = (
 )
 EXPIRED_LEASES = f"SELECT {columns(ExpiredLease)} FROM chunkq.expired_leases ORDER BY lease_expires_at"
 LIVE_WORKERS = f"SELECT {columns(LiveWorker)} FROM chunkq.live_workers ORDER BY worker_id"
+SEARCH_JOBS = (
+    f"SELECT {columns(JobOverview)} FROM chunkq.search_jobs(%(status)s::chunkq.job_status, %(name)s::text,"
+    " %(limit)s::integer, %(offset)s::integer)"
+)
+COUNT_JOBS = "SELECT chunkq.count_jobs(%(status)s::chunkq.job_status, %(name)s::text) AS jobs"
+GET_JOB_OVERVIEW = f"SELECT {columns(JobOverview)} FROM chunkq.get_job_overview(%(job_id)s::bigint)"
+JOB_FAILURE_SUMMARY = (
+    f"SELECT {columns(FailureKind)} FROM chunkq.job_failure_summary(%(job_id)s::bigint, %(limit)s::integer)"
+)
+JOB_BLOCKERS = f"SELECT {columns(JobBlocker)} FROM chunkq.job_blockers(%(job_id)s::bigint)"
+METRICS_SNAPSHOT = f"SELECT {columns(MetricSample)} FROM chunkq.metrics_snapshot(%(top_jobs)s::integer)"
 FAILURE_SUMMARY = f"SELECT {columns(FailureKind)} FROM chunkq.failure_summary ORDER BY occurrences DESC, error_kind"
 
 CREATE_CHUNKS = (

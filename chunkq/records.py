@@ -392,6 +392,23 @@ class FailureKind:
     example_error: str
 
 
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """A row of chunkq.metrics_snapshot(): one sample of a gauge."""
+
+    metric: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobBlocker:
+    """A row of chunkq.job_blockers(): one reason a job is not moving."""
+
+    reason: str  # finished, not_chunked, paused, waiting_for_retry, behind_higher_priority, no_workers, ...
+    detail: str
+
+
 def columns(record: type[Any]) -> str:
     """The select list for a record: its field names, in order."""
     return ", ".join(field.name for field in dataclasses.fields(record))

@@ -40,7 +40,7 @@ from .errors import MigrationError, SchemaNotMigrated, ValidationError, one_line
 logger = logging.getLogger("chunkq")
 
 #: The chunkq.schema_version() this client needs (the number of the last migration).
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 #: Where yoyo keeps chunkq's bookkeeping.
 BOOKKEEPING_SCHEMA = "chunkq_migrations"

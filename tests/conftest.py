@@ -6,6 +6,7 @@ answers, else an embedded Postgres (see chunkq.testing).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ from chunkq.testing import TemplateDatabases, TestServer, postgres_server
 from tests.helpers.pool import Pool
 
 SERVER_KEY = pytest.StashKey[str]()
+
+# A shell starts a background job (`./dev test &`) with SIGINT ignored, and every process the tests start would
+# inherit that: Ctrl-C tests would then wait on commands that cannot be interrupted. Children get the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

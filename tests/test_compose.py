@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import zipfile
 
 import pytest
 
@@ -74,7 +76,34 @@ def test_your_own_handler_mounted_or_in_an_image_of_your_own(monkeypatch):
 
 def test_the_image_carries_no_embedded_server():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'pip install --no-cache-dir ".[binary]"' in dockerfile and "embedded" not in dockerfile.split("RUN")[1]
+    assert 'pip install --no-cache-dir ".[binary,web]"' in dockerfile and "embedded" not in dockerfile.split("RUN")[1]
+
+
+def test_the_image_build_context_has_what_the_package_build_needs(tmp_path):
+    """What the Dockerfile COPYs, and nothing else, builds the wheel it installs, with the migrations and the
+    license in it (what is missing would show only in `docker build`, on a machine with Docker)."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, target = line.split()[1:]
+            for source in sources:
+                into = context / (source if target.endswith("/") else target)
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, into, symlinks=True)
+                else:
+                    shutil.copy(ROOT / source, into)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp_path / "dist", context],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "dist").iterdir()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), names
+    assert "chunkq/migrations/0001.chunk-queue.sql" in names and "chunkq/workers/supervisor.py" in names, names
 
 
 def test_the_mounted_example_handler_runs_under_the_pool(dsn, conn, start_pool):
@@ -89,3 +118,13 @@ def test_the_mounted_example_handler_runs_under_the_pool(dsn, conn, start_pool):
     )
     wait_until(lambda: progress(dsn, job_id) == {"completed": 3}, 30, "the example handler to crawl the job")
     assert pool.stop() == 0
+
+
+def test_web_and_monitoring_services():
+    text = config("--profile", "monitoring")
+    for service in ("web:", "prometheus:", "grafana:"):
+        assert f"\n  {service}" in text
+    assert "127.0.0.1:8080:8080" in text  # the dashboard is published on this machine only
+    assert "--metrics-port" in text and "9464" in text
+    assert "/etc/prometheus" in text and "/etc/grafana/provisioning" in text
+    assert text.count("- monitoring") == 2  # Prometheus and Grafana only with the profile

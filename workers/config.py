@@ -54,6 +54,8 @@ class PoolConfig:
     log_format: str = "text"  # or "json"
     log_level: str = "info"  # info logs every chunk's outcome; warning only retries, failures and trouble
     name: str = socket.gethostname()  # worker ids are name:pid
+    metrics_port: int | None = None  # serve the pool's Prometheus metrics on this port
+    metrics_host: str = "127.0.0.1"
 
     def check(self) -> None:
         """Raises ConfigError for the first wrong option."""
@@ -78,6 +80,8 @@ class PoolConfig:
             raise ConfigError(f"--max-retries must not be negative, got {self.max_retries}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be between 1 and 65535, got {self.metrics_port}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
@@ -139,6 +143,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="info (default) logs every chunk's outcome; warning only retries, failures and trouble",
     )
     parser.add_argument("--name", default=defaults.name, help="worker ids are NAME:pid (default: the host name)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the pool's Prometheus metrics on this port (needs chunkq[metrics])",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=defaults.metrics_host,
+        help="address for --metrics-port (default %(default)s; 0.0.0.0 for every interface)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> PoolConfig:
@@ -163,6 +178,8 @@ def from_args(args: argparse.Namespace) -> PoolConfig:
         log_format=args.log_format,
         log_level=args.log_level,
         name=args.name,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     config.check()
     return config

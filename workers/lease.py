@@ -26,7 +26,7 @@ from chunkq import ChunkqError, JobChunk
 from chunkq.errors import ValidationError, one_line
 from chunkq.records import Lease
 
-from . import logs
+from . import logs, metrics
 
 if TYPE_CHECKING:
     from .worker import Session
@@ -188,7 +188,10 @@ class LeaseKeeper(threading.Thread):
             # The main thread reconnects when it next uses the connection; a missed
             # beat only matters if the outage outlasts the lease.
             logs.event("heartbeat failed", level=logging.WARNING, error=one_line(exc))
+            metrics.heartbeat(False)
             return
+        metrics.heartbeat(True)
         for state in states:
             if not state.held and self.holdings.lose(state.chunk_id):
                 logs.event("lease lost", level=logging.WARNING, chunk=state.chunk_id, now=state.status)
+                metrics.lease_lost()

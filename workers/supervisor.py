@@ -40,7 +40,7 @@ import psycopg
 
 from chunkq.errors import one_line
 
-from . import logs
+from . import logs, metrics
 from .config import PoolConfig
 from .worker import main as worker_main
 
@@ -123,6 +123,16 @@ class Supervisor:
             batch=self.config.batch,
             listen=self.config.listen,
         )
+        try:
+            metrics.serve(self.config, processes=lambda: sum(s.process is not None for s in self.slots))
+        except (OSError, ImportError) as exc:  # the port is taken; prometheus-client is not installed
+            logs.event(
+                "cannot serve --metrics-port (pip install 'chunkq[metrics]' for it)",
+                level=logging.ERROR,
+                port=self.config.metrics_port,
+                error=one_line(exc),
+            )
+            return 2
         for slot in self.slots:
             self.start(slot)
         try:
@@ -130,6 +140,7 @@ class Supervisor:
         finally:
             if self.listener is not None:
                 self.listener.close()
+            metrics.stop()
 
     def supervise(self) -> int:
         drain_deadline: float | None = None
@@ -175,6 +186,7 @@ class Supervisor:
                     self.start(slot)
                 continue
             self.reap(slot)
+            metrics.worker_restarted()
             slot.crashes = 0 if now - slot.started >= STABLE_AFTER else slot.crashes + 1
             delay = min(RESTART_DELAY_MAX, 0.5 * 2 ** (slot.crashes - 1)) if slot.crashes else 0.0
             logs.event(
@@ -191,6 +203,7 @@ class Supervisor:
         """Forgets a dead worker: its process, its idle flag, its wake-up pipe."""
         assert slot.process is not None
         slot.process.join()
+        metrics.process_dead(slot.process.pid)
         slot.process = None
         self.idle[slot.index] = 0
         if slot.waker is not None:

@@ -44,7 +44,7 @@ from chunkq import ChunkCancelled, ChunkNotFound, ChunkStatus, InvalidTransition
 from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
 
-from . import logs
+from . import logs, metrics
 from .config import PoolConfig
 from .handler import ChunkTask, Handler, RetryAfter, load_handler
 from .lease import Held, Holdings, LeaseKeeper
@@ -101,6 +101,7 @@ class Session:
                 return operation(self)
             except CONNECTION_ERRORS as exc:
                 logs.event("connection lost, reconnecting", level=logging.WARNING, error=str(exc))
+                metrics.reconnected()
                 if self.conn is not None:
                     self.conn.close()
                 self.connect()
@@ -242,6 +243,7 @@ class Worker:
                     break
             held = result.held
             self.last_took = result.took
+            metrics.handler_took(result.took)
             duration_ms = round(result.took * 1000, 1)
             if result.error is None:
                 with self.holdings.lock:  # so that a hand-back sees it either running or finished
@@ -329,6 +331,8 @@ class Worker:
                 self.holdings.drop(held.chunk.id)
             self.completed_since = None
             self.holdings.add(claimed)
+        if limit:
+            metrics.claimed(len(claimed))
         for held, outcome in [*zip(done, outcomes, strict=True), *((held, "lease_lost") for held in lost)]:
             self.log_outcome(held.chunk, outcome, held.took_ms or 0.0, None)
         return claimed
@@ -351,6 +355,7 @@ class Worker:
                 try:
                     session.chunks.release(chunk.id, chunk.attempt, chunk.lease_token)
                     logs.event("chunk released", chunk=chunk.id, attempt=chunk.attempt, outcome="released")
+                    metrics.chunk_outcome("released")
                 except REFUSALS as refusal:  # not ours any more: nothing to hand back
                     self.log_outcome(chunk, refused_outcome(refusal), 0.0, None)
             self.holdings.drop(held.chunk.id)
@@ -394,6 +399,7 @@ class Worker:
                 return
 
     def log_outcome(self, chunk: JobChunk, outcome: str, duration_ms: float, error: str | None) -> None:
+        metrics.chunk_outcome(outcome)
         level = logging.INFO if outcome == "completed" else logging.WARNING
         if not logs.log.isEnabledFor(level):  # --log-level warning: no line per completed chunk, nor its fields
             return
@@ -488,6 +494,7 @@ def refused_outcome(refusal: Exception) -> str:
 def main(config: PoolConfig, slot: int, wake: Connection, idle: Any) -> None:
     """Entry point of a worker process (started by the supervisor)."""
     logs.setup(config.log_format, config.log_level)
+    metrics.start_worker(config)
     multiprocessing.current_process().name = f"worker-{slot}"
     worker = Worker(config, slot, load_handler(config.handler), wake, idle)
     # Ctrl-C reaches the whole process group; the supervisor decides and sends SIGTERM.

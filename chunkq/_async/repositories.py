@@ -27,6 +27,7 @@ from ..records import (
     CrawlJob,
     ExpiredLease,
     FailureKind,
+    JobBlocker,
     JobChunk,
     JobErrorSummary,
     JobOverview,
@@ -35,6 +36,7 @@ from ..records import (
     Lease,
     LeaseState,
     LiveWorker,
+    MetricSample,
     PruneResult,
     QueueDepth,
     QueueStats,
@@ -118,6 +120,33 @@ class CrawlJobRepository:
     async def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
         """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
         return await fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, record_row(JobOverview))
+
+    async def search(
+        self, status: JobStatus | str | None = None, name: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[JobOverview]:
+        """A page of jobs with their chunk counts, newest first: optionally one status, and names containing
+        ``name`` (case-insensitive, taken literally)."""
+        params = {"status": status, "name": name, "limit": limit, "offset": offset}
+        return await fetch(self.conn, q.SEARCH_JOBS, params, record_row(JobOverview))
+
+    async def count(self, status: JobStatus | str | None = None, name: str | None = None) -> int:
+        """How many jobs ``search`` pages through with the same filters."""
+        rows = await fetch(self.conn, q.COUNT_JOBS, {"status": status, "name": name}, dict_row)
+        return int(rows[0]["jobs"])
+
+    async def get_overview(self, job_id: int) -> JobOverview | None:
+        """One job with its chunk counts, rate and ETA; None when there is no such job."""
+        rows = await fetch(self.conn, q.GET_JOB_OVERVIEW, {"job_id": job_id}, record_row(JobOverview))
+        return rows[0] if rows else None
+
+    async def failure_summary(self, job_id: int, limit: int = 20) -> list[FailureKind]:
+        """The job's errors grouped by kind, most frequent first, each with its latest example."""
+        params = {"job_id": job_id, "limit": limit}
+        return await fetch(self.conn, q.JOB_FAILURE_SUMMARY, params, record_row(FailureKind))
+
+    async def blockers(self, job_id: int) -> list[JobBlocker]:
+        """Why the job is not moving, one reason per row (none: it moves)."""
+        return await fetch(self.conn, q.JOB_BLOCKERS, {"job_id": job_id}, record_row(JobBlocker))
 
     async def pause(self, job_id: int) -> CrawlJob:
         """Stops handing out the job's chunks (running ones carry on); a no-op for a paused job."""
@@ -204,7 +233,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return await fetch(self.conn, q.CLAIM_CHUNKS, params, record_row(JobChunk))
+        return await fetch(self.conn, q.CLAIM_CHUNKS, params, record_row(JobChunk), finite=True)
 
     async def complete_and_claim(
         self,
@@ -225,7 +254,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return await fetch(self.conn, q.COMPLETE_AND_CLAIM, params, record_row(JobChunk))
+        return await fetch(self.conn, q.COMPLETE_AND_CLAIM, params, record_row(JobChunk), finite=True)
 
     async def claim_by_id(
         self,
@@ -242,7 +271,7 @@ class JobChunkRepository:
             "lease": interval(lease),
             "task_id": task_id,
         }
-        rows = await fetch(self.conn, q.CLAIM_CHUNK, params, record_row(JobChunk))
+        rows = await fetch(self.conn, q.CLAIM_CHUNK, params, record_row(JobChunk), finite=True)
         return rows[0]
 
     async def heartbeat(
@@ -262,7 +291,7 @@ class JobChunkRepository:
             "task_id": task_id,
             "lease_token": lease_token,
         }
-        rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
+        rows = await fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk), finite=True)
         return rows[0]
 
     async def heartbeat_many(
@@ -280,7 +309,7 @@ class JobChunkRepository:
             marks = [checkpoints.get(lease[0]) for lease in leases]
             params["positions"] = [None if mark is None else mark[0] for mark in marks]
             params["states"] = [None if mark is None or mark[1] is None else Jsonb(mark[1]) for mark in marks]
-        return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState))
+        return await fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState), finite=True)
 
     async def checkpoint(
         self,
@@ -308,7 +337,7 @@ class JobChunkRepository:
         """Marks the chunk completed. Without the attempt and lease token the claim returned, only an operator
         (chunkq_app) may complete it: the checks are skipped."""
         params = {"chunk_id": chunk_id, "attempt": attempt, "lease_token": lease_token}
-        rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome))
+        rows = await fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome), finite=True)
         return rows[0]
 
     async def fail(
@@ -401,6 +430,11 @@ class JobChunkRepository:
     async def failure_summary(self) -> list[FailureKind]:
         """Errors grouped by kind, most frequent first (chunkq.failure_summary)."""
         return await fetch(self.conn, q.FAILURE_SUMMARY, {}, record_row(FailureKind))
+
+    async def metrics(self, top_jobs: int = 20) -> list[MetricSample]:
+        """Every gauge of the queue in one cheap call (chunkq.metrics_snapshot); ``top_jobs`` jobs get series
+        of their own, the rest are summed under job "other"."""
+        return await fetch(self.conn, q.METRICS_SNAPSHOT, {"top_jobs": top_jobs}, record_row(MetricSample))
 
     async def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""

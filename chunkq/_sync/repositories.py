@@ -28,6 +28,7 @@ from ..records import (
     CrawlJob,
     ExpiredLease,
     FailureKind,
+    JobBlocker,
     JobChunk,
     JobErrorSummary,
     JobOverview,
@@ -36,6 +37,7 @@ from ..records import (
     Lease,
     LeaseState,
     LiveWorker,
+    MetricSample,
     PruneResult,
     QueueDepth,
     QueueStats,
@@ -119,6 +121,33 @@ class CrawlJobRepository:
     def overview(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobOverview]:
         """The newest ``limit`` jobs with their chunk counts, optionally only those in one status."""
         return fetch(self.conn, q.LIST_JOBS, {"status": status, "limit": limit}, record_row(JobOverview))
+
+    def search(
+        self, status: JobStatus | str | None = None, name: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[JobOverview]:
+        """A page of jobs with their chunk counts, newest first: optionally one status, and names containing
+        ``name`` (case-insensitive, taken literally)."""
+        params = {"status": status, "name": name, "limit": limit, "offset": offset}
+        return fetch(self.conn, q.SEARCH_JOBS, params, record_row(JobOverview))
+
+    def count(self, status: JobStatus | str | None = None, name: str | None = None) -> int:
+        """How many jobs ``search`` pages through with the same filters."""
+        rows = fetch(self.conn, q.COUNT_JOBS, {"status": status, "name": name}, dict_row)
+        return int(rows[0]["jobs"])
+
+    def get_overview(self, job_id: int) -> JobOverview | None:
+        """One job with its chunk counts, rate and ETA; None when there is no such job."""
+        rows = fetch(self.conn, q.GET_JOB_OVERVIEW, {"job_id": job_id}, record_row(JobOverview))
+        return rows[0] if rows else None
+
+    def failure_summary(self, job_id: int, limit: int = 20) -> list[FailureKind]:
+        """The job's errors grouped by kind, most frequent first, each with its latest example."""
+        params = {"job_id": job_id, "limit": limit}
+        return fetch(self.conn, q.JOB_FAILURE_SUMMARY, params, record_row(FailureKind))
+
+    def blockers(self, job_id: int) -> list[JobBlocker]:
+        """Why the job is not moving, one reason per row (none: it moves)."""
+        return fetch(self.conn, q.JOB_BLOCKERS, {"job_id": job_id}, record_row(JobBlocker))
 
     def pause(self, job_id: int) -> CrawlJob:
         """Stops handing out the job's chunks (running ones carry on); a no-op for a paused job."""
@@ -205,7 +234,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return fetch(self.conn, q.CLAIM_CHUNKS, params, record_row(JobChunk))
+        return fetch(self.conn, q.CLAIM_CHUNKS, params, record_row(JobChunk), finite=True)
 
     def complete_and_claim(
         self,
@@ -226,7 +255,7 @@ class JobChunkRepository:
             "job_id": job_id,
             "lease": interval(lease),
         }
-        return fetch(self.conn, q.COMPLETE_AND_CLAIM, params, record_row(JobChunk))
+        return fetch(self.conn, q.COMPLETE_AND_CLAIM, params, record_row(JobChunk), finite=True)
 
     def claim_by_id(
         self,
@@ -243,7 +272,7 @@ class JobChunkRepository:
             "lease": interval(lease),
             "task_id": task_id,
         }
-        rows = fetch(self.conn, q.CLAIM_CHUNK, params, record_row(JobChunk))
+        rows = fetch(self.conn, q.CLAIM_CHUNK, params, record_row(JobChunk), finite=True)
         return rows[0]
 
     def heartbeat(
@@ -263,7 +292,7 @@ class JobChunkRepository:
             "task_id": task_id,
             "lease_token": lease_token,
         }
-        rows = fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk))
+        rows = fetch(self.conn, q.HEARTBEAT_CHUNK, params, record_row(JobChunk), finite=True)
         return rows[0]
 
     def heartbeat_many(
@@ -281,7 +310,7 @@ class JobChunkRepository:
             marks = [checkpoints.get(lease[0]) for lease in leases]
             params["positions"] = [None if mark is None else mark[0] for mark in marks]
             params["states"] = [None if mark is None or mark[1] is None else Jsonb(mark[1]) for mark in marks]
-        return fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState))
+        return fetch(self.conn, q.HEARTBEAT_CHUNKS, params, record_row(LeaseState), finite=True)
 
     def checkpoint(
         self,
@@ -309,7 +338,7 @@ class JobChunkRepository:
         """Marks the chunk completed. Without the attempt and lease token the claim returned, only an operator
         (chunkq_app) may complete it: the checks are skipped."""
         params = {"chunk_id": chunk_id, "attempt": attempt, "lease_token": lease_token}
-        rows = fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome))
+        rows = fetch(self.conn, q.COMPLETE_CHUNK, params, record_row(ChunkOutcome), finite=True)
         return rows[0]
 
     def fail(
@@ -402,6 +431,11 @@ class JobChunkRepository:
     def failure_summary(self) -> list[FailureKind]:
         """Errors grouped by kind, most frequent first (chunkq.failure_summary)."""
         return fetch(self.conn, q.FAILURE_SUMMARY, {}, record_row(FailureKind))
+
+    def metrics(self, top_jobs: int = 20) -> list[MetricSample]:
+        """Every gauge of the queue in one cheap call (chunkq.metrics_snapshot); ``top_jobs`` jobs get series
+        of their own, the rest are summed under job "other"."""
+        return fetch(self.conn, q.METRICS_SNAPSHOT, {"top_jobs": top_jobs}, record_row(MetricSample))
 
     def reclaim_expired(self, limit: int = 100) -> int:
         """Puts back chunks whose lease expired; claims do this themselves. Returns how many."""

@@ -486,6 +486,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return pool.run(config, error_prefix="chunkq: ")
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from ..web import WebConfig, serve
+        from ..web.auth import TokenError, load_token
+    except ImportError as exc:
+        raise Failure(f"chunkq web needs the web extra: pip install 'chunkq[web]' ({exc})", EXIT_USAGE) from exc
+    try:
+        token = load_token(args.token_file)
+    except TokenError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from exc
+    dsn = resolve_dsn(args)
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            schema.check_schema(conn)
+    except psycopg.OperationalError as exc:  # started before the database: the pages say 503 until it answers
+        errors.print(f"chunkq web: the database does not answer yet: {one_line(exc)}", highlight=False, markup=False)
+    mode = "actions need the operator token" if token else "read-only"
+    errors.print(f"chunkq web: http://{args.host}:{args.port}/ ({mode})", highlight=False, markup=False)
+    serve(WebConfig(dsn, token, args.top_jobs, args.refresh), args.host, args.port)
+    return 0
+
+
+def port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {number}")
+    return number
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -672,6 +701,26 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "worker", cmd_worker, "run a worker pool (same options as python -m chunkq.workers)", parents=()
     )
     add_arguments(worker)
+
+    web = command(commands, "web", cmd_web, "the dashboard and /metrics over HTTP (needs chunkq[web])", parents=())
+    web.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=port, default=8080, help="port (default 8080)")
+    web.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="its first line is the operator token that allows actions "
+        "(default: $CHUNKQ_WEB_TOKEN; neither: read-only)",
+    )
+    web.add_argument(
+        "--top-jobs",
+        type=int,
+        default=20,
+        choices=range(0, 1001),
+        metavar="N",
+        help="jobs with series of their own in /metrics, the rest summed (default 20, at most 1000)",
+    )
+    web.add_argument("--refresh", type=float, default=2.0, help="seconds between live updates (default 2)")
 
     demo = command(commands, "demo", cmd_demo, "crawl a simulated job end to end with a live progress bar", parents=())
     demo.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")

@@ -15,11 +15,17 @@ from uuid import UUID
 from rich.console import Console
 from rich.table import Table
 
+from .._times import FAR_FUTURE, FAR_PAST
+
 # Piped output has no terminal width; rather than fold tables at rich's default
 # of 80 columns, use $COLUMNS or a wide page.
 _width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))
 console = Console(width=_width)
 errors = Console(stderr=True, soft_wrap=True)  # messages stay on one line
+
+
+#: Postgres's infinite timestamps (a paused job's parked chunks are available at infinity), as SQL prints them.
+INFINITE = {FAR_FUTURE: "infinity", FAR_PAST: "-infinity"}
 
 
 def plain(value: Any) -> Any:
@@ -33,7 +39,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, datetime):
-        return value.isoformat()
+        return INFINITE.get(value) or value.isoformat()
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, UUID):
@@ -74,7 +80,7 @@ def human(value: Any, name: str = "") -> str:
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+        return INFINITE.get(value) or value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, timedelta):
         return str(timedelta(seconds=round(value.total_seconds())))
     if isinstance(value, float):

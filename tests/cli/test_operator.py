@@ -219,6 +219,18 @@ def test_chunk_list_is_one_line_per_chunk_and_errors_come_in_full_on_request(chu
     assert chunkq("chunk", "errors", 424242).code == 3 and chunkq("chunk", "show", 424242).code == 3
 
 
+def test_a_paused_jobs_chunks_list_and_show_as_available_at_infinity(chunkq, conn):
+    job_id = new_job(conn, 500 * 3)
+    assert chunkq("job", "pause", job_id).code == 0
+    listed = chunkq("chunk", "list", "--job", job_id, "--json")
+    assert listed.code == 0 and [c["available_at"] for c in listed.json()] == ["infinity"] * 3, listed
+    first = listed.json()[0]["id"]
+    shown = chunkq("chunk", "show", first)
+    assert shown.code == 0 and "infinity" in shown.out, shown
+    assert chunkq("job", "resume", job_id).code == 0
+    assert "infinity" not in chunkq("chunk", "show", first).out
+
+
 # ---------------------------------------------------------------------------
 # The CLI speaks to its users
 # ---------------------------------------------------------------------------

@@ -110,3 +110,10 @@ def sleepy_fails_odd(chunk: ChunkTask) -> None:
     time.sleep(SLEEP)
     if chunk.chunk_index % 2:
         raise RuntimeError(f"chunk {chunk.chunk_index} fails after its sleep")
+
+
+def report_prometheus_imported(chunk: ChunkTask) -> None:
+    """Fails every chunk for good with whether prometheus_client was imported in this worker process."""
+    import sys
+
+    raise DoNotRetry(f"prometheus_client imported: {'prometheus_client' in sys.modules}")
