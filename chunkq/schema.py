@@ -55,6 +55,9 @@ def yoyo_url(dsn: str) -> str:
 def _locked_backend(dsn: str) -> Iterator[tuple[Any, Any]]:
     """yoyo's backend for ``dsn``, holding yoyo's migration lock, and chunkq's migrations."""
     backend = get_backend(yoyo_url(dsn))
+    # No server-side prepared statements (yoyo repeats a few of its own): through PgBouncer in transaction mode
+    # they would stay behind on a server connection that other clients are lent next.
+    backend.connection.prepare_threshold = None
     try:
         with backend.lock():
             yield backend, read_migrations(str(migrations_path()))
