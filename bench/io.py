@@ -469,10 +469,16 @@ def bouncer_section(admin: str, plan: Plan, results: Results) -> None:
         f" {plan.bouncer_chunks:,} chunks, through PgBouncer (default_pool_size {BOUNCER_POOL}) and directly",
         flush=True,
     )
-    with bench_database(admin) as dsn, pgbouncer(admin, pool_size=BOUNCER_POOL) as bouncer:
+    # A database for each way in: PgBouncer keeps its idle server connections open between runs, which the
+    # direct runs would otherwise count as theirs.
+    with (
+        bench_database(admin) as direct,
+        bench_database(admin) as bounced,
+        pgbouncer(admin, pool_size=BOUNCER_POOL) as bouncer,
+    ):
         for _ in range(plan.repeats):
             for side, (through, options) in SIDES.items():
-                run = bounced_drain(dsn, bouncer, through, options, plan.bouncer_chunks)
+                run = bounced_drain(bounced if through else direct, bouncer, through, options, plan.bouncer_chunks)
                 results.add("bouncer", side, "chunks/s", run.rate)
                 results.add("bouncer", side, "exactly once", run.exactly_once)
                 results.add("bouncer", side, "connections", run.connections)
@@ -482,7 +488,7 @@ def bouncer_section(admin: str, plan: Plan, results: Results) -> None:
                     results.add("bouncer", side, "server CPU", run.server_cpu_ms)
                 if run.bouncer_cpu_ms is not None:
                     results.add("bouncer", side, "bouncer CPU", run.bouncer_cpu_ms)
-        worker, server = idle_polling(dsn, bouncer, max(2.0, plan.seconds / 3))
+        worker, server = idle_polling(bounced, bouncer, max(2.0, plan.seconds / 3))
         results.add("idle", "worker CPU per poll", worker)
         if server is not None:
             results.add("idle", "server CPU per poll", server)
