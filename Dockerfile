@@ -6,7 +6,9 @@ COPY pyproject.toml README.md ./
 COPY chunkq chunkq
 COPY workers workers
 COPY migrations migrations
-RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 chunkq
+# [binary]: psycopg's own libpq (the slim image has none). Not [embedded]: production has its own Postgres, and the
+# embedded server's binaries would add 41 MB.
+RUN pip install --no-cache-dir ".[binary]" && useradd --create-home --uid 10001 chunkq
 USER chunkq
 # The supervisor runs as PID 1 and drains the pool on SIGTERM (docker stop).
 ENTRYPOINT ["chunkq"]

@@ -25,7 +25,7 @@ from chunkq.embedded import embedded_server
 
 SCRIPT = """\
 SELECT id, attempt, lease_token FROM chunkq.claim_chunks('pgbench', 1) \\gset
-SELECT chunkq.complete_chunk(:id, :attempt, :'lease_token');
+SELECT chunkq.complete_chunk(:id, :attempt, ':lease_token');
 """
 
 #: The configurations compared: "tuned" is what migration 0004 sets, "defaults"

@@ -18,7 +18,7 @@ from bench.common import new_job, pgbench, vacuum_queue
 
 SINGLE = """\
 SELECT id, attempt, lease_token FROM chunkq.claim_chunks('pgbench', 1) \\gset
-SELECT chunkq.complete_chunk(:id, :attempt, :'lease_token');
+SELECT chunkq.complete_chunk(:id, :attempt, ':lease_token');
 """
 BATCH = """\
 SELECT array_agg(id) AS ids, array_agg(attempt) AS attempts, array_agg(lease_token) AS tokens

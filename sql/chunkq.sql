@@ -1189,10 +1189,11 @@ BEGIN
     ), parked AS (
         -- A paused job's pending chunks wait outside the claim indexes (available_at =
         -- infinity); one that came back since (released, retried, reclaimed) is parked
-        -- there now, and not taken.
+        -- there now, and not taken. (By id from an array, so that no plan, even one made
+        -- on an empty table, joins the whole table to find them.)
         UPDATE chunkq.job_chunks c SET available_at = 'infinity'
-          FROM picked p JOIN chunkq.crawl_jobs j ON j.id = p.job_id
-         WHERE c.id = p.id AND j.paused_at IS NOT NULL
+         WHERE c.id = ANY (ARRAY(SELECT p.id FROM picked p JOIN chunkq.crawl_jobs j ON j.id = p.job_id
+                                  WHERE j.paused_at IS NOT NULL))
         RETURNING c.id
     ), picked_of_job AS (
         -- (A limited job's chunks come from picked_limited, under its limits.)

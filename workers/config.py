@@ -16,7 +16,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
-    """An option is wrong; the message says which and why."""
+    """An option is wrong; the message says which and why. The pool exits with ``exit_code``."""
+
+    exit_code = 2
+
+
+class NoDatabase(ConfigError):
+    """No database was given, or it cannot be reached: exit 4, as every chunkq command does."""
+
+    exit_code = 4
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -77,7 +85,11 @@ class PoolConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The pool's options; ``chunkq worker`` uses the same ones."""
     defaults = PoolConfig(dsn="", handler="")
-    parser.add_argument("--dsn", help="database to work on (default: $CHUNKQ_DSN, then $DATABASE_URL)")
+    parser.add_argument(
+        "--dsn",
+        help="database to work on (default: $CHUNKQ_DSN, then $DATABASE_URL; with the chunkq command, "
+        "'embedded': the local embedded PostgreSQL)",
+    )
     parser.add_argument("--handler", required=True, help="the function to run per chunk, package.module:function")
     parser.add_argument(
         "--processes",
@@ -132,7 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> PoolConfig:
     dsn = args.dsn or os.environ.get("CHUNKQ_DSN") or os.environ.get("DATABASE_URL")
     if not dsn:
-        raise ConfigError("no database: pass --dsn or set CHUNKQ_DSN")
+        raise NoDatabase("no database: nothing in --dsn, $CHUNKQ_DSN or $DATABASE_URL; set one")
+    if dsn == "embedded":  # `chunkq worker` resolves the word before it gets here
+        raise ConfigError("--dsn embedded: only the chunkq command starts the embedded PostgreSQL (chunkq worker ...)")
     config = PoolConfig(
         dsn=dsn,
         handler=args.handler,

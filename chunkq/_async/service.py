@@ -19,14 +19,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
-
-from psycopg import AsyncConnection
+from typing import TYPE_CHECKING
 
 from .._params import default_worker_id
 from ..errors import ChunkqError
 from ..records import ChunkOutcome, CrawlJob, JobChunk, Lease, ProgressDict
 from .repositories import CrawlJobRepository, JobChunkRepository
+
+if TYPE_CHECKING:
+    from .._connectable import AsyncConnectable
 
 logger = logging.getLogger("chunkq")
 
@@ -38,7 +39,7 @@ class JobChunkingService:
         self,
         chunk_repo: JobChunkRepository,
         job_repo: CrawlJobRepository,
-        conn: AsyncConnection[Any],
+        conn: AsyncConnectable,
         *,
         worker_id: str | None = None,
         lease: timedelta | float | None = None,

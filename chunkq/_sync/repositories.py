@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -45,11 +44,14 @@ from ..records import (
 )
 from .execute import fetch
 
+if TYPE_CHECKING:
+    from .._connectable import Connectable
+
 
 class CrawlJobRepository:
     """Crawl jobs (chunkq.crawl_jobs)."""
 
-    def __init__(self, conn: Connection[Any]) -> None:
+    def __init__(self, conn: Connectable) -> None:
         self.conn = conn
 
     def create(
@@ -156,7 +158,7 @@ class CrawlJobRepository:
 class JobChunkRepository:
     """Chunks of crawl jobs (chunkq.job_chunks)."""
 
-    def __init__(self, conn: Connection[Any]) -> None:
+    def __init__(self, conn: Connectable) -> None:
         self.conn = conn
 
     def create_for_job(
@@ -411,7 +413,7 @@ class RateLimitRepository:
     """Limits of rate keys (chunkq.rate_limits): a token bucket and a cap on running chunks, across every job
     that names the key in its ``rate_key``."""
 
-    def __init__(self, conn: Connection[Any]) -> None:
+    def __init__(self, conn: Connectable) -> None:
         self.conn = conn
 
     def set(

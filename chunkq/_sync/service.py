@@ -20,14 +20,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
-
-from psycopg import Connection
+from typing import TYPE_CHECKING
 
 from .._params import default_worker_id
 from ..errors import ChunkqError
 from ..records import ChunkOutcome, CrawlJob, JobChunk, Lease, ProgressDict
 from .repositories import CrawlJobRepository, JobChunkRepository
+
+if TYPE_CHECKING:
+    from .._connectable import Connectable
 
 logger = logging.getLogger("chunkq")
 
@@ -39,7 +40,7 @@ class JobChunkingService:
         self,
         chunk_repo: JobChunkRepository,
         job_repo: CrawlJobRepository,
-        conn: Connection[Any],
+        conn: Connectable,
         *,
         worker_id: str | None = None,
         lease: timedelta | float | None = None,

@@ -1,13 +1,18 @@
 """chunkq: operate the chunk queue from a shell.
 
 Every command is one or two calls of the SQL API, through the sync client. The
-database is --dsn, else $CHUNKQ_DSN, else $DATABASE_URL, else an embedded
-PostgreSQL that chunkq starts (or reuses) in a per-user directory.
+database is --dsn, else $CHUNKQ_DSN, else $DATABASE_URL; `--dsn embedded` (or
+CHUNKQ_DSN=embedded) is a local embedded PostgreSQL that chunkq starts (or reuses)
+in a per-user directory, and so is `chunkq demo` without a database. No other
+command falls back to it: without a database they exit 4.
 
-Exit codes: 0 done; 1 refused by chunkq (wrong state) or a watched job ended with
-failed or cancelled chunks; 2 bad usage or input; 3 no such job or chunk;
-4 database unreachable; 5 schema missing or outdated (run `chunkq migrate`);
-130 interrupted.
+Destructive commands (migrate rollback, job delete, prune) ask on a terminal;
+--yes skips the question, and without a terminal they refuse unless --yes.
+
+Exit codes: 0 done; 1 refused by chunkq (wrong state, missing privilege, not
+confirmed) or a watched job ended with failed or cancelled chunks; 2 bad usage or
+input; 3 no such job or chunk; 4 no database given, or it is unreachable;
+5 schema missing or outdated (run `chunkq migrate`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ..errors import (
 from ..records import ChunkStatus, JobStatus
 from ..sync import CrawlJobRepository, JobChunkRepository
 from . import limits
-from .output import console, emit_json, errors, record, table
+from .output import console, emit_json, errors, first_line, record, table
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 
@@ -64,6 +69,16 @@ CHUNK_COLUMNS = [
     "error_message",
 ]
 CHUNK_HEADERS = ["id", "index", "first image", "last image", "status", "attempt", "retries", "worker", "last error"]
+ERROR_COLUMNS = ["attempt", "worker_id", "failed_at", "lease_expired", "retried", "error"]
+#: Characters of a chunk's last error that `chunk list` shows (its first line); `chunk errors ID` has it all.
+ERROR_PREVIEW = 60
+
+BIGINT_MAX, INTEGER_MAX = 2**63 - 1, 2**31 - 1
+EMBEDDED = "embedded"  # --dsn embedded: the opt-in to the embedded PostgreSQL
+NO_DATABASE = (
+    "no database: nothing in --dsn, $CHUNKQ_DSN or $DATABASE_URL; set one, "
+    "or pass --dsn embedded for a local embedded PostgreSQL"
+)
 
 
 class Failure(Exception):
@@ -79,25 +94,34 @@ class Failure(Exception):
 # ---------------------------------------------------------------------------
 
 
-def resolve_dsn(args: argparse.Namespace) -> str:
+def resolve_dsn(args: argparse.Namespace, *, embedded_default: bool = False) -> str:
+    """--dsn, else $CHUNKQ_DSN, else $DATABASE_URL; the word ``embedded`` starts (or reuses) the embedded
+    PostgreSQL, and so does nothing at all when ``embedded_default`` (the demo only). Otherwise no database
+    is exit 4: a typo in a container's environment must not quietly run against a private server."""
     dsn = (
         getattr(args, "dsn", None)
         or getattr(args, "global_dsn", None)
         or os.environ.get("CHUNKQ_DSN")
         or os.environ.get("DATABASE_URL")
     )
-    if dsn:
+    if dsn == EMBEDDED or (not dsn and embedded_default):
         try:
-            psycopg.conninfo.conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
-            raise Failure(f"invalid DSN: {exc}", EXIT_USAGE) from exc
-        return dsn
-    errors.print(
-        f"chunkq: no CHUNKQ_DSN or DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir()}"
-        " (it keeps running; `chunkq embedded stop` stops it)",
-        highlight=False,
-    )
-    return embedded.shared_server()
+            uri = embedded.shared_server()
+        except embedded.EmbeddedUnavailable as exc:
+            raise Failure(str(exc), EXIT_UNREACHABLE) from exc
+        errors.print(
+            f"chunkq: using the embedded PostgreSQL in {embedded.data_dir()}"
+            " (it keeps running; `chunkq embedded stop` stops it)",
+            highlight=False,
+        )
+        return uri
+    if not dsn:
+        raise Failure(NO_DATABASE, EXIT_UNREACHABLE)
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise Failure(f"invalid DSN: {one_line(exc)}", EXIT_USAGE) from exc
+    return dsn
 
 
 def connect(args: argparse.Namespace, *, check: bool = True) -> psycopg.Connection[Any]:
@@ -127,11 +151,44 @@ def chunk_status(value: str) -> str:
     return value
 
 
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+def whole(value: str, low: int, high: int) -> int:
+    """An integer between ``low`` and ``high``: what argparse reports as ``argument --max-images: must be ...``."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}")
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
     return number
+
+
+def bigint(value: str) -> int:
+    """Ids and image counts: a Postgres bigint (the SQL says what makes sense within it)."""
+    return whole(value, -BIGINT_MAX - 1, BIGINT_MAX)
+
+
+def integer(value: str) -> int:
+    """Priorities, chunk sizes, retries: a Postgres integer."""
+    return whole(value, -INTEGER_MAX - 1, INTEGER_MAX)
+
+
+def positive(value: str) -> int:
+    return whole(value, 1, INTEGER_MAX)
+
+
+def confirm(args: argparse.Namespace, what: str) -> None:
+    """Asks on a terminal before a destructive command: ``what`` is what it will do. --yes skips the question;
+    without a terminal to ask on, the command is refused (exit 2) rather than done unasked."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise Failure(f"{what}: pass --yes to confirm (no terminal to ask on)", EXIT_USAGE)
+    sys.stderr.write(f"{what[0].upper()}{what[1:]}. Go ahead? [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise Failure("not confirmed: nothing was changed", EXIT_REFUSED)
 
 
 # ---------------------------------------------------------------------------
@@ -159,11 +216,13 @@ def done(args: argparse.Namespace, value: Any, sentence: str) -> int:
     if args.json:
         emit_json(value)
     else:
-        console.print(sentence, highlight=False)
+        console.print(sentence, highlight=False, soft_wrap=True)  # one line, however long
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.all and args.action != "rollback":
+        raise Failure("--all goes with rollback: chunkq migrate rollback --all", EXIT_USAGE)
     dsn = resolve_dsn(args)
     try:
         if args.action == "apply":
@@ -171,6 +230,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             result: Any = {"applied": applied}
             message = f"applied {', '.join(applied)}" if applied else "the schema is up to date"
         elif args.action == "rollback":
+            applied_ids = [name for name, applied in schema.status(dsn) if applied][::-1]
+            going = applied_ids if args.all else applied_ids[:1]
+            if going and len(going) == len(applied_ids):
+                what = going[0] if len(going) == 1 else f"all {len(going)} migrations"
+                confirm(args, f"rolling back {what} drops schema chunkq with every job and chunk")
+            elif going:
+                confirm(args, f"rolling back {going[0]} undoes the last migration")
             rolled = schema.rollback(dsn, None if args.all else 1)
             result, message = {"rolled_back": rolled}, f"rolled back {', '.join(rolled) or 'nothing'}"
         else:
@@ -201,15 +267,22 @@ def cmd_job_create(args: argparse.Namespace) -> int:
             priority=args.priority,
             max_retries=args.max_retries,
             chunk_size=args.chunk_size,
+            id=args.id,
             **limits.job_limits(args),
         )
-        job = JobChunkRepository(conn).create_for_job(job.id)
-    return done(
-        args,
-        job,
-        f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
-        f"of {job.chunk_size}, priority {job.priority}",
-    )
+        if not args.no_chunks:
+            job = JobChunkRepository(conn).create_for_job(job.id)
+    if args.no_chunks:
+        sentence = (
+            f"job {job.id} created without chunks: {job.max_images:,} images, priority {job.priority}; "
+            f"its chunks come from create_chunks_for_job(job_id={job.id}, ...) or POST /jobs/{job.id}/chunks"
+        )
+    else:
+        sentence = (
+            f"job {job.id} created: {job.max_images:,} images in {job.total_chunks:,} chunks "
+            f"of {job.chunk_size}, priority {job.priority}"
+        )
+    return done(args, job, sentence)
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
@@ -273,8 +346,20 @@ def cmd_job_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_job_delete(args: argparse.Namespace) -> int:
+    cancel_first = f"crawl job {args.job_id} is running: cancel it first: chunkq job cancel {args.job_id}"
     with connect(args) as conn:
-        job = CrawlJobRepository(conn).delete(args.job_id)
+        jobs = CrawlJobRepository(conn)
+        job = jobs.get_by_id(args.job_id)
+        if job is None:
+            raise Failure(f"crawl job {args.job_id} does not exist", EXIT_NOT_FOUND)
+        if job.status == JobStatus.RUNNING:  # refused anyway: say so before asking
+            raise Failure(cancel_first, EXIT_REFUSED)
+        chunks = f"{job.total_chunks:,} chunk{'' if job.total_chunks == 1 else 's'}"
+        confirm(args, f"deleting job {job.id} ({job.name!r}, {job.status}) deletes its {chunks} and their errors")
+        try:
+            job = jobs.delete(args.job_id)
+        except InvalidTransition as exc:  # it started running meanwhile
+            raise Failure(cancel_first, EXIT_REFUSED) from exc
     return done(args, job, f"job {job.id} deleted with its {job.total_chunks:,} chunks")
 
 
@@ -300,6 +385,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Calls prune_finished_jobs until it is done: each call is a short transaction."""
     jobs = chunks = 0
     with connect(args) as conn:
+        confirm(args, f"pruning deletes every job that finished more than {args.older_than} ago, with its chunks")
         repo = CrawlJobRepository(conn)
         while True:
             result = repo.prune(args.older_than, args.batch)
@@ -334,7 +420,39 @@ def cmd_failures(args: argparse.Namespace) -> int:
 def cmd_chunk_list(args: argparse.Namespace) -> int:
     with connect(args) as conn:
         chunks = JobChunkRepository(conn).list_for_job(args.job, args.status, args.limit)
-    return listed(args, chunks, CHUNK_COLUMNS, CHUNK_HEADERS)
+    if args.json:
+        return listed(args, chunks, CHUNK_COLUMNS)
+    # One line per chunk: the first line of its last error, cut (`chunkq chunk errors ID` has them all).
+    rows = [
+        {
+            c: first_line(chunk.error_message, ERROR_PREVIEW) if c == "error_message" else getattr(chunk, c)
+            for c in CHUNK_COLUMNS
+        }
+        for chunk in chunks
+    ]
+    table(rows, CHUNK_COLUMNS, headers=CHUNK_HEADERS, one_line=True)
+    return 0
+
+
+def cmd_chunk_errors(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        history = JobChunkRepository(conn).error_history(args.chunk_id)
+    return listed(args, history, ERROR_COLUMNS, title=f"chunk {args.chunk_id}: every error, oldest first")
+
+
+def cmd_chunk_show(args: argparse.Namespace) -> int:
+    with connect(args) as conn:
+        chunks = JobChunkRepository(conn)
+        chunk = chunks.get_by_id(args.chunk_id)
+        if chunk is None:
+            raise Failure(f"chunk {args.chunk_id} does not exist", EXIT_NOT_FOUND)
+        history = chunks.error_history(args.chunk_id)
+    if args.json:
+        emit_json({"chunk": chunk, "errors": history})
+    else:
+        record(chunk, title=f"chunk {chunk.id}")
+        table(history, ERROR_COLUMNS, title="errors, oldest first")
+    return 0
 
 
 def cmd_chunk_retry(args: argparse.Namespace) -> int:
@@ -358,6 +476,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """The pool, as `python -m chunkq.workers` runs it, with the same exit codes (4 no database or unreachable,
+    2 a bad option, handler or schema) and every error on one line starting with ``chunkq:``."""
     from ..workers import __main__ as pool
     from ..workers.config import ConfigError, from_args
 
@@ -365,28 +485,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         config = from_args(args)
     except ConfigError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from exc
-    return pool.run(config)
+        raise Failure(str(exc), exc.exit_code) from exc
+    return pool.run(config, error_prefix="chunkq: ")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
-    return demo(args, resolve_dsn(args))
+    return demo(args, resolve_dsn(args, embedded_default=True))
 
 
 def cmd_embedded(args: argparse.Namespace) -> int:
+    where = embedded.data_dir()
     if args.action == "stop":
-        stopped = embedded.stop_shared_server()
-        console.print(
-            f"embedded PostgreSQL in {embedded.data_dir()} {'stopped' if stopped else 'was not running'}",
-            highlight=False,
-        )
+        try:
+            stopped = embedded.stop_shared_server()
+        except embedded.EmbeddedUnavailable as exc:
+            raise Failure(str(exc), EXIT_UNREACHABLE) from exc
+        console.print(f"embedded PostgreSQL in {where} {'stopped' if stopped else 'was not running'}", highlight=False)
+        return 0
+    dsn = embedded.shared_server_dsn()
+    if args.json:
+        emit_json({"running": dsn is not None, "dsn": dsn, "data_dir": str(where)})
+    elif dsn is None:
+        console.print(f"embedded PostgreSQL in {where}: stopped", highlight=False)
     else:
-        running = (embedded.data_dir() / "postmaster.pid").exists()
-        console.print(
-            f"embedded PostgreSQL in {embedded.data_dir()}: {'running' if running else 'stopped'}", highlight=False
-        )
+        console.print(f"embedded PostgreSQL in {where}: running at {dsn}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -401,11 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     class Parser(OneLineParser):
         error_prefix = "chunkq: "
 
+    dsn_help = "database (default: $CHUNKQ_DSN, then $DATABASE_URL; 'embedded': a local embedded PostgreSQL)"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="database (default: $CHUNKQ_DSN, then $DATABASE_URL, else embedded)")
+    common.add_argument("--dsn", help=dsn_help)
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    asks = argparse.ArgumentParser(add_help=False)
+    asks.add_argument("--yes", "-y", action="store_true", help="do it without asking (needed without a terminal)")
 
     parser = Parser(prog="chunkq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
         "--dsn", dest="global_dsn", metavar="DSN", help="database for any command (also accepted after the command)"
     )
@@ -422,7 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    migrate = command(commands, "migrate", cmd_migrate, "apply, roll back or list the schema migrations")
+    migrate = command(
+        commands, "migrate", cmd_migrate, "apply, roll back or list the schema migrations", (common, asks)
+    )
     migrate.add_argument("action", nargs="?", choices=("apply", "rollback", "status"), default="apply")
     migrate.add_argument("--all", action="store_true", help="with rollback: every migration (drops all data)")
 
@@ -430,13 +560,22 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = job.add_subparsers(dest="job_command", required=True, metavar="command")
     create = command(jobs, "create", cmd_job_create, "create a crawl job and its chunks")
     create.add_argument("--name", required=True)
-    create.add_argument("--project", type=int, default=1, help="project id (default 1)")
-    create.add_argument("--max-images", type=int, required=True, help="images to crawl")
-    create.add_argument("--keyword", "-k", action="append", help="a search keyword (repeatable)")
-    create.add_argument("--keywords-json", help="keywords as any JSON value, instead of --keyword")
-    create.add_argument("--priority", type=int, help="0-10 by default; higher is claimed first")
-    create.add_argument("--chunk-size", type=int, help="images per chunk (default 500)")
-    create.add_argument("--max-retries", type=int, help="automatic retries per chunk (default 3)")
+    create.add_argument("--project", type=bigint, default=1, help="project id (default 1)")
+    create.add_argument("--max-images", type=bigint, required=True, help="images to crawl")
+    given = create.add_mutually_exclusive_group()
+    given.add_argument("--keyword", "-k", action="append", help="a search keyword (repeatable)")
+    given.add_argument("--keywords-json", help="keywords as any JSON value, instead of --keyword")
+    create.add_argument("--priority", type=integer, help="0-10 by default; higher is claimed first")
+    create.add_argument("--chunk-size", type=integer, help="images per chunk (default 500)")
+    create.add_argument("--max-retries", type=integer, help="automatic retries per chunk (default 3)")
+    create.add_argument(
+        "--id", type=bigint, help="the job's id, e.g. your application's own job id (default: the next)"
+    )
+    create.add_argument(
+        "--no-chunks",
+        action="store_true",
+        help="create the job only; your application makes its chunks (create_chunks_for_job)",
+    )
     limits.add_job_options(create, removable=False)
     job_limit = command(
         jobs,
@@ -444,28 +583,29 @@ def build_parser() -> argparse.ArgumentParser:
         lambda a: limits.cmd_job_limit(a, connect, done),
         "change a running job's scheduling limits (none removes one)",
     )
-    job_limit.add_argument("job_id", type=int, metavar="ID")
+    job_limit.add_argument("job_id", type=bigint, metavar="ID")
     limits.add_job_options(job_limit, removable=True)
+    job_states = ", ".join(s.value for s in JobStatus)
     listing = command(jobs, "list", cmd_job_list, "list the newest jobs with their progress")
-    listing.add_argument("--status", type=job_status)
+    listing.add_argument("--status", type=job_status, metavar="STATUS", help=f"only jobs in this state: {job_states}")
     listing.add_argument("--limit", type=positive, default=50)
     for name, func, help in (
         ("show", cmd_job_show, "a job's details and progress"),
         ("cancel", cmd_job_cancel, "cancel a job's pending and processing chunks"),
         ("retry-failed", cmd_job_retry_failed, "put a job's failed chunks back to pending"),
-        ("delete", cmd_job_delete, "delete a job that is not running, with its chunks"),
-    ):
-        command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
-    for name, func, help in (
         ("pause", cmd_job_pause, "stop handing out a job's chunks (running ones carry on)"),
         ("resume", cmd_job_resume, "let a paused job's chunks be claimed again"),
     ):
-        command(jobs, name, func, help).add_argument("job_id", type=int, metavar="ID")
+        command(jobs, name, func, help).add_argument("job_id", type=bigint, metavar="ID")
+    delete = command(
+        jobs, "delete", cmd_job_delete, "delete a job that is not running, with its chunks", (common, asks)
+    )
+    delete.add_argument("job_id", type=bigint, metavar="ID")
     priority = command(jobs, "priority", cmd_job_priority, "give a job and its unfinished chunks a new priority")
-    priority.add_argument("job_id", type=int, metavar="ID")
-    priority.add_argument("priority", type=int)
+    priority.add_argument("job_id", type=bigint, metavar="ID")
+    priority.add_argument("priority", type=integer)
     progress = command(jobs, "progress", cmd_job_progress, "a job's progress; --watch follows it to the end")
-    progress.add_argument("job_id", type=int, metavar="ID")
+    progress.add_argument("job_id", type=bigint, metavar="ID")
     progress.add_argument(
         "--watch", action="store_true", help="live progress until the job finishes; exit 1 if chunks failed"
     )
@@ -473,13 +613,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     chunk = commands.add_parser("chunk", help="chunks", description="Inspect and retry chunks.")
     chunks = chunk.add_subparsers(dest="chunk_command", required=True, metavar="command")
-    chunk_list = command(chunks, "list", cmd_chunk_list, "a job's chunks in order")
-    chunk_list.add_argument("--job", type=int, required=True, metavar="ID")
-    chunk_list.add_argument("--status", type=chunk_status)
-    chunk_list.add_argument("--limit", type=positive, default=50)
-    command(chunks, "retry", cmd_chunk_retry, "put a failed chunk back to pending").add_argument(
-        "chunk_id", type=int, metavar="ID"
+    chunk_list = command(chunks, "list", cmd_chunk_list, "a job's chunks in order, one line each")
+    chunk_list.add_argument("--job", type=bigint, required=True, metavar="ID")
+    chunk_states = ", ".join(s.value for s in ChunkStatus)
+    chunk_list.add_argument(
+        "--status", type=chunk_status, metavar="STATUS", help=f"only chunks in this state: {chunk_states}"
     )
+    chunk_list.add_argument("--limit", type=positive, default=50)
+    for name, func, help in (
+        ("show", cmd_chunk_show, "a chunk and every error it recorded"),
+        ("errors", cmd_chunk_errors, "every error a chunk recorded, in full, oldest first"),
+        ("retry", cmd_chunk_retry, "put a failed chunk back to pending"),
+    ):
+        command(chunks, name, func, help).add_argument("chunk_id", type=bigint, metavar="ID")
 
     command(
         commands,
@@ -503,8 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limit_set.add_argument("key", metavar="KEY")
     limit_set.add_argument("--rate", type=limits.rate, help="chunks claimed per second at most: 5/s, 300/min, 2/hour")
-    limit_set.add_argument("--burst", type=int, help="chunks claimed at once after a quiet spell (default: the rate)")
-    limit_set.add_argument("--max-running", type=int, metavar="N", help="chunks of the key running at once at most")
+    limit_set.add_argument(
+        "--burst", type=integer, help="chunks claimed at once after a quiet spell (default: the rate)"
+    )
+    limit_set.add_argument("--max-running", type=integer, metavar="N", help="chunks of the key running at once at most")
     command(
         limit_commands,
         "list",
@@ -515,14 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
         limit_commands, "delete", lambda a: limits.cmd_limit_delete(a, connect, done), "remove a key's limits"
     ).add_argument("key", metavar="KEY")
     command(commands, "failures", cmd_failures, "errors grouped by kind, most frequent first")
-    prune = command(commands, "prune", cmd_prune, "delete jobs that finished long ago, in short transactions")
+    prune = command(
+        commands, "prune", cmd_prune, "delete jobs that finished long ago, in short transactions", (common, asks)
+    )
     prune.add_argument("--older-than", required=True, metavar="INTERVAL", help="a PostgreSQL interval, e.g. '30 days'")
     prune.add_argument("--batch", type=positive, default=10_000, help="chunks deleted per transaction")
 
     from ..workers.config import add_arguments
 
     worker = command(
-        commands, "worker", cmd_worker, "run a worker pool (same options as python -m workers)", parents=()
+        commands, "worker", cmd_worker, "run a worker pool (same options as python -m chunkq.workers)", parents=()
     )
     add_arguments(worker)
 
@@ -537,9 +687,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds-per-image", type=float, default=0.0002, help="simulated crawl time per image (default 0.0002)"
     )
 
-    emb = command(commands, "embedded", cmd_embedded, "status or stop of the embedded PostgreSQL", parents=())
+    emb = command(
+        commands,
+        "embedded",
+        cmd_embedded,
+        "the embedded PostgreSQL: status (with its DSN) or stop",
+        parents=(),
+    )
     emb.add_argument("action", choices=("status", "stop"))
+    emb.add_argument("--json", action="store_true", help="status as JSON: running, dsn, data_dir")
     return parser
+
+
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("chunkq")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        installed = "(not installed)"
+    return f"chunkq {installed} (schema version {schema.SCHEMA_VERSION})"
 
 
 def main(argv: list[str] | None = None) -> int:

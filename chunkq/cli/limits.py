@@ -36,12 +36,14 @@ def optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_job_options(parser: argparse.ArgumentParser, *, removable: bool) -> None:
     """The scheduling options of ``job create`` and ``job limit`` (where ``none`` removes a limit)."""
+    from . import integer  # Postgres integer range, so a huge N is a usage error, not a database one
+
     wrap = optional if removable else (lambda kind: kind)
     default = argparse.SUPPRESS if removable else None
     tail = " (none removes it)" if removable else ""
     parser.add_argument(
         "--max-running",
-        type=wrap(int),
+        type=wrap(integer),
         metavar="N",
         default=default,
         help=f"at most N of the job's chunks running at once{tail}",
@@ -69,14 +71,14 @@ def add_job_options(parser: argparse.ArgumentParser, *, removable: bool) -> None
     )
     parser.add_argument(
         "--max-failed-chunks",
-        type=wrap(int),
+        type=wrap(integer),
         metavar="N",
         default=default,
         help=f"failure budget: pause the job once more than N chunks failed{tail}",
     )
     parser.add_argument(
         "--max-consecutive-failures",
-        type=wrap(int),
+        type=wrap(integer),
         metavar="N",
         default=default,
         help=f"failure budget: pause the job after N failures in a row{tail}",

@@ -46,7 +46,27 @@ def emit_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
-def human(value: Any) -> str:
+def is_id(name: str) -> bool:
+    """Ids and pids print without thousands separators, so that they can be copied into the next command;
+    counts are grouped."""
+    name = name.replace(" ", "_")
+    return name in ("id", "pid", "job", "chunk") or name.endswith(("_id", "_pid"))
+
+
+def first_line(text: str | None, limit: int) -> str | None:
+    """The first line of ``text``, cut to ``limit`` characters (with … when cut or when more lines follow)."""
+    if text is None:
+        return None
+    lines = text.strip().splitlines() or [""]
+    line = lines[0]
+    if len(line) > limit:
+        return line[: limit - 1] + "…"
+    return line + (" …" if len(lines) > 1 else "")
+
+
+def human(value: Any, name: str = "") -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and is_id(name):
+        return str(value)
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -67,15 +87,20 @@ def human(value: Any) -> str:
 
 
 def table(
-    rows: Sequence[Any], columns: Sequence[str], title: str | None = None, headers: Sequence[str] | None = None
+    rows: Sequence[Any],
+    columns: Sequence[str],
+    title: str | None = None,
+    headers: Sequence[str] | None = None,
+    one_line: bool = False,
 ) -> None:
-    """Rows (dataclasses or dicts) as a table of the given columns (headers default to their names)."""
+    """Rows (dataclasses or dicts) as a table of the given columns (headers default to their names).
+    ``one_line``: a row never wraps; a cell too long for the page is cut with an ellipsis."""
     out = Table(title=title, header_style="bold")
     for header in headers or [c.replace("_", " ") for c in columns]:
-        out.add_column(header, overflow="fold")
+        out.add_column(header, overflow="ellipsis" if one_line else "fold", no_wrap=one_line)
     for row in rows:
         get = row.get if isinstance(row, dict) else (lambda name, r=row: getattr(r, name))
-        out.add_row(*(human(get(column)) for column in columns))
+        out.add_row(*(human(get(column), column) for column in columns))
     console.print(out)
 
 
@@ -87,5 +112,5 @@ def record(value: Any, title: str | None = None) -> None:
     out.add_column(overflow="fold")
     for name in fields:
         raw = getattr(value, name) if not isinstance(value, dict) else value[name]
-        out.add_row(name.replace("_", " "), human(raw))
+        out.add_row(name.replace("_", " "), human(raw, name))
     console.print(out)

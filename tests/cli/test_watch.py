@@ -148,3 +148,56 @@ def test_ctrl_c_in_the_demo_drains_the_workers(dsn, conn):
     assert conn.execute(
         "SELECT max(retry_count), count(*) FILTER (WHERE status = 'failed') FROM chunkq.job_chunks"
     ).fetchone() == (0, 0)  # nothing spent, nothing lost
+
+
+def screen_lines(screen: bytes) -> list[str]:
+    """What a terminal shows, line by line: escape sequences dropped, each redraw's lines one by one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", screen.decode(errors="replace"))  # colours
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", text)  # cursor moves, line erases
+    return [part for line in text.split("\n") for part in line.split("\r") if part.strip()]
+
+
+def test_the_live_bar_stays_readable_at_80_columns(dsn, conn):
+    job_id = new_job(conn, 500 * 4)
+    master, slave = pty.openpty()
+    env = cli_env(CHUNKQ_DSN=dsn, COLUMNS="80", LINES="24", TERM="xterm-256color")
+    proc = watch(dsn, job_id, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    screen = read_terminal(master, proc, "━".encode(), 10)
+    finish(conn, job_id)
+    screen += read_terminal(master, proc, None, 30)
+    os.close(master)
+    assert proc.wait(10) == 0
+    lines = screen_lines(screen)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    last = [line for line in lines if line.startswith(f"job {job_id} completed")][-1]
+    assert "━" in last and "4/4" in last and "100.0%" in last and "ETA" in last  # the headline on one line
+    assert any(re.fullmatch(r"0 failed, 0 processing *", line) for line in lines), lines
+    assert any(re.fullmatch(r"[\d.,]+ chunks/s, [\d,]+ images/s *", line) for line in lines), lines
+
+
+def test_the_view_says_what_a_job_waits_for(dsn, conn):
+    """Nothing processing, chunks waiting out a retry back-off: say so, rather than look hung at 99 %."""
+    job_id = conn.execute(
+        "SELECT id FROM chunkq.create_job(1, 'waits', '[]', 1500, p_retry_base_delay => interval '20 seconds')"
+    ).fetchone()[0]
+    conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+    for chunk_id, attempt in claim(conn, limit=2, job_id=job_id):
+        conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'HTTP 503', true)", (chunk_id, attempt))
+    proc = watch(dsn, job_id, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert re.search(r", 0 processing, 2 chunks waiting to retry, next in (2\d|3\d|40) s, ", first), first
+
+    master, slave = pty.openpty()
+    env = cli_env(CHUNKQ_DSN=dsn, COLUMNS="80", TERM="xterm-256color")
+    proc = watch(dsn, job_id, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    screen = read_terminal(master, proc, b"waiting to retry", 10)
+    proc.kill()
+    proc.wait()
+    os.close(master)
+    assert any("0 processing, 2 chunks waiting to retry, next in" in line for line in screen_lines(screen))

@@ -103,3 +103,10 @@ def checkpointing(chunk: ChunkTask) -> None:
 
 def bad_checkpoint(chunk: ChunkTask) -> None:
     chunk.checkpoint(chunk.image_end + 1)
+
+
+def sleepy_fails_odd(chunk: ChunkTask) -> None:
+    """Every chunk takes CHUNKQ_TEST_SLEEP seconds, whatever happens meanwhile; odd chunk indexes then fail."""
+    time.sleep(SLEEP)
+    if chunk.chunk_index % 2:
+        raise RuntimeError(f"chunk {chunk.chunk_index} fails after its sleep")

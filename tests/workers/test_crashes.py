@@ -178,3 +178,63 @@ def test_crash_loop_backs_off_and_the_poison_chunk_ends_failed(dsn, conn, start_
     ).fetchall()
     assert errors == [(1, True, True), (2, True, True), (3, True, False)]
     assert pool.stop() == 0
+
+
+def cancel_and_delete(conn: psycopg.Connection, job_id: int) -> None:
+    """What an operator does to a job gone wrong: `chunkq job cancel N && chunkq job delete N`."""
+    conn.execute("SELECT chunkq.cancel_job(%s)", (job_id,))
+    conn.execute("SELECT chunkq.delete_job(%s)", (job_id,))
+
+
+def no_crash(pool) -> None:
+    lines = [line["message"] for line in pool.lines()]
+    assert not [m for m in lines if "worker crashed" in m or "worker process died" in m], lines
+
+
+@pytest.mark.slow
+def test_a_job_deleted_under_running_workers_is_a_routine_refusal(dsn, conn, start_pool):
+    """Chunk 0 completes and chunk 1 fails after the job is gone: the report path and the failure path."""
+    job_id = new_job(conn, 500 * 6)
+    pool = start_pool(
+        "--handler", "tests.helpers.handlers:sleepy_fails_odd", "--processes", "2", env={"CHUNKQ_TEST_SLEEP": "2"}
+    )
+    wait_until(lambda: progress(dsn, job_id) == {"processing": 2, "pending": 4}, 30, "two running chunks")
+    cancel_and_delete(conn, job_id)
+    wait_until(lambda: len([o for o in pool.outcomes() if o["outcome"] == "vanished"]) == 2, 30, "both reports")
+    outcomes = pool.outcomes()
+    assert sorted((o["index"], o["outcome"], o["level"]) for o in outcomes) == [
+        (0, "vanished", "WARNING"),  # the level of lease_lost
+        (1, "vanished", "WARNING"),
+    ]
+    other = new_job(conn, 500 * 2)  # the same workers carry on
+    wait_until(
+        lambda: progress(dsn, other).get("processing", 0) + progress(dsn, other).get("completed", 0) == 2,
+        30,
+        "the next job's chunks to be taken",
+    )
+    assert pool.stop() == 0
+    no_crash(pool)
+
+
+@pytest.mark.slow
+def test_chunks_of_a_deleted_job_still_held_at_shutdown_are_not_a_crash(dsn, conn, start_pool):
+    """One running chunk and two claimed ones vanish; SIGTERM then reports and hands back what it holds."""
+    job_id = new_job(conn, 500 * 3)
+    pool = start_pool(
+        "--handler",
+        "tests.helpers.handlers:sleepy",
+        "--processes",
+        "1",
+        "--batch",
+        "3",
+        env={"CHUNKQ_TEST_SLEEP": "2"},
+    )
+    wait_until(lambda: progress(dsn, job_id) == {"processing": 3}, 30, "three claimed chunks")
+    cancel_and_delete(conn, job_id)
+    assert pool.stop() == 0
+    assert sorted((o["index"], o["outcome"]) for o in pool.outcomes()) == [
+        (0, "vanished"),
+        (1, "vanished"),
+        (2, "vanished"),
+    ]
+    no_crash(pool)

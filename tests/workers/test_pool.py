@@ -74,23 +74,23 @@ def test_bad_options_exit_2_before_claiming(dsn, conn, args, message):
 
 
 @pytest.mark.parametrize(
-    ("dsn_arg", "message"),
+    ("dsn_arg", "code", "message"),
     [
-        ("host=localhost dbname", "invalid DSN"),
-        ("postgresql://nobody@127.0.0.1:1/nothing", "cannot connect to the database"),
+        ("host=localhost dbname", 2, "invalid DSN"),
+        ("postgresql://nobody@127.0.0.1:1/nothing", 4, "cannot connect to the database"),
     ],
 )
-def test_bad_dsn_exits_2(dsn_arg, message):
+def test_bad_or_unreachable_dsn(dsn_arg, code, message):
     result = run_cli("--dsn", dsn_arg, "--handler", "chunkq.workers.sample:noop")
-    assert (result.returncode, "Traceback" in result.stderr) == (2, False)
+    assert (result.returncode, "Traceback" in result.stderr) == (code, False)
     assert message in result.stderr
 
 
-def test_missing_dsn_exits_2(monkeypatch):
+def test_missing_dsn_exits_4(monkeypatch):
     monkeypatch.delenv("CHUNKQ_DSN", raising=False)
     monkeypatch.delenv("DATABASE_URL", raising=False)
     result = run_cli("--handler", "chunkq.workers.sample:noop")
-    assert result.returncode == 2 and "no database" in result.stderr
+    assert result.returncode == 4 and "no database" in result.stderr
 
 
 def test_unknown_job_filter_exits_2(dsn, conn):

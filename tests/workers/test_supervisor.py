@@ -156,8 +156,8 @@ def test_pool_errors_are_one_line(dsn):
     bad_number = run_cli("--dsn", dsn, *NOOP, "--processes", "many")
     unknown = run_cli("--dsn", dsn, *NOOP, "--no-such-option")
     missing = run_cli("--dsn", dsn)
-    for result in (unreachable, bad_number, unknown, missing):
-        assert result.returncode == 2, result.stderr
+    for result, code in ((unreachable, 4), (bad_number, 2), (unknown, 2), (missing, 2)):
+        assert result.returncode == code, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "--processes" in bad_number.stderr and "--no-such-option" in unknown.stderr
     assert "--handler" in missing.stderr

@@ -1,0 +1,1 @@
+"""An example handler package, outside chunkq: what docker-compose.yml mounts for the worker by default."""
