@@ -177,7 +177,7 @@ def test_the_chunkq_command_through_pgbouncer(dsn, conn, bouncer_dsn):
         assert chunkq_json(bouncer_dsn, "limit", "set", "images.example.com", "--rate", "5/s")["rate"] == 5
         assert chunkq_json(bouncer_dsn, "job", "cancel", job_id)["status"] == "cancelled"
         # Two chunks per transaction: the same call twenty times over on one connection.
-        assert chunkq_json(bouncer_dsn, "prune", "--older-than", "0 seconds", "--batch", "2") == {
+        assert chunkq_json(bouncer_dsn, "prune", "--older-than", "0 seconds", "--batch", "2", "--yes") == {
             "jobs_deleted": 1,
             "chunks_deleted": 40,
         }
