@@ -114,7 +114,7 @@ def chunkq_json(dsn: str, *args: object) -> object:
 
 @pytest.mark.slow
 def test_eight_processes_of_fifty_drain_a_job_exactly_once_on_at_most_ten_server_connections(
-    dsn, conn, bouncer_dsn, start_pool
+    dsn, conn, bouncer, bouncer_dsn, start_pool
 ):
     chunks = 4_000
     job_id = new_job(conn, chunks, chunk=False, chunk_size=1)
@@ -134,6 +134,8 @@ def test_eight_processes_of_fifty_drain_a_job_exactly_once_on_at_most_ten_server
             env={"CHUNKQ_SAMPLE_SECONDS": "0.02"},
             on=bouncer_dsn,
         )
+        dbname = conninfo_to_dict(dsn)["dbname"]
+        wait_until(lambda: bouncer.clients(dbname) >= 8, 30, "the eight workers to connect through PgBouncer")
         conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
         # The live progress of the chunkq command follows it through PgBouncer too: one statement many times
         # over, which psycopg would prepare on whichever server connection PgBouncer lent it.
