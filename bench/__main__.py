@@ -36,7 +36,7 @@ import psycopg
 
 from bench import peers
 from bench.ceiling import ceiling_rate
-from bench.common import Drain, Summary, bench_database, server_line
+from bench.common import Drain, Summary, bench_database, server_line, table
 from bench.pool import drain
 from bench.scale import claim_latency, enqueue_rate, grow_to, one_job_versus_many, progress_latency
 from chunkq.embedded import embedded_server
@@ -114,14 +114,6 @@ class Results:
 
 def processes(n: int) -> str:
     return f"{n} process" + ("es" if n > 1 else "")
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def throughput(admin: str, plan: Plan, with_peers: bool, results: Results) -> None:

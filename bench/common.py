@@ -101,6 +101,15 @@ def server_line(dsn: str) -> str:
     return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}, {os.cpu_count()} CPUs"
 
 
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table under a heading, as docs/benchmarks.md shows them."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def median_ms(call: Callable[[], object], times: int) -> tuple[float, float, float]:
     """Median, min and max wall time of ``call`` in milliseconds."""
     samples = []

@@ -273,11 +273,41 @@ def procrastinate_app_for(dsn: str) -> procrastinate.App:
     return app
 
 
+# bench.io's I/O-bound crawl: chunkq's sample handler io_wait as a procrastinate task (the same await of
+# CHUNKQ_SAMPLE_SECONDS, no CPU), run by `procrastinate --app bench.peers.procrastinate_io_app worker`.
+IO_TASK = "io_wait"
+#: Connections of each worker process's pool for the I/O run (PEERS_POOL_SIZE overrides).
+IO_POOL_SIZE = 10
+
+
+async def procrastinate_io_wait() -> None:
+    from chunkq.workers.sample import io_seconds
+
+    await asyncio.sleep(io_seconds())
+
+
+def procrastinate_io_app_for(dsn: str) -> procrastinate.App:
+    import procrastinate
+
+    size = int(os.environ.get("PEERS_POOL_SIZE", IO_POOL_SIZE))
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn, min_size=size, max_size=size))
+    app.task(name=IO_TASK)(procrastinate_io_wait)
+    return app
+
+
+async def enqueue_procrastinate_io(dsn: str, jobs: int) -> None:
+    app = procrastinate_io_app_for(dsn)
+    async with app.open_async():
+        await app.tasks[IO_TASK].batch_defer_async(*({} for _ in range(jobs)))
+
+
 def __getattr__(name: str) -> object:
     # `procrastinate --app bench.peers.procrastinate_app` in a worker process.
     # Built on first use, so that importing this module needs neither peer installed.
     if name == "procrastinate_app":
         return procrastinate_app_for(os.environ[DSN_ENV])
+    if name == "procrastinate_io_app":
+        return procrastinate_io_app_for(os.environ[DSN_ENV])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import CpuMeter, Drain, children, new_job, one, vacuum_queue, wait_for_connections
-from chunkq.sync import JobChunkRepository
+from bench.common import CpuMeter, Drain, allow_chunks_per_job, children, one, vacuum_queue, wait_for_connections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +44,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def plain_job(conn: psycopg.Connection, chunks: int) -> int:
+    """A job of ``chunks`` one-image chunks, not split yet, made with the arguments create_job has taken since
+    0001: bench.versus drains an older commit's database with this checkout's code, whose client names
+    arguments and columns that older schemas lack."""
+    allow_chunks_per_job(conn, chunks)
+    return int(one(conn, "SELECT id FROM chunkq.create_job(1, 'bench', '[]', %s, NULL, NULL, 1)", (chunks,))[0])
+
+
 def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks: int, root: Path = ROOT) -> PoolDrain:
     """The pool of the chunkq checkout in ``root`` (this one by default) drains a job of ``chunks`` chunks."""
     vacuum_queue(conn)
-    job_id = new_job(conn, chunks, chunk_size=1, split=False)
+    job_id = plain_job(conn, chunks)
     peak = {"supervisor": 0.0, "worker": 0.0}
     done = threading.Event()
     with tempfile.TemporaryFile() as log:
@@ -87,7 +94,7 @@ def drain(dsn: str, conn: psycopg.Connection, processes: int, batch: int, chunks
         try:
             wait_for_connections(conn, processes + 1)  # the workers and the supervisor's LISTEN
             meter.start()
-            JobChunkRepository(conn).create_for_job(job_id)
+            conn.execute("SELECT total_chunks FROM chunkq.create_chunks(%s)", (job_id,))
             while one(conn, "SELECT pending_chunks + processing_chunks FROM chunkq.job_progress(%s)", (job_id,))[0]:
                 if pool.poll() is not None:
                     log.seek(0)

@@ -27,7 +27,9 @@ def preflight(config: PoolConfig) -> None:
     """Everything that can be wrong before a worker starts: the handler, the database, the schema, the job."""
     load_handler(config.handler)
     try:
-        with psycopg.connect(config.dsn, connect_timeout=10, autocommit=True) as conn:
+        # A few calls, once: nothing to gain from prepared statements, which PgBouncer in transaction mode
+        # (the --no-listen set-up) may not follow from one call to the next.
+        with psycopg.connect(config.dsn, connect_timeout=10, autocommit=True, prepare_threshold=None) as conn:
             check_schema(conn)
             if config.job_id is not None and CrawlJobRepository(conn).get_by_id(config.job_id) is None:
                 raise ConfigError(f"--job {config.job_id}: no such crawl job")

@@ -4,10 +4,14 @@
   default 0.0001 s, with ±50 % jitter) and fails at random
   (CHUNKQ_SAMPLE_FAILURE_RATE, default 0.02) like a flaky image host.
 - ``chunkq.workers.sample:noop`` does nothing: for measuring the queue itself.
+- ``chunkq.workers.sample:io_wait`` (async) awaits CHUNKQ_SAMPLE_SECONDS (default 0.5 s)
+  per chunk and uses no CPU, like a chunk's downloads; ``io_sleep`` is the same as a
+  plain function, which blocks its thread for as long.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -30,3 +34,15 @@ def crawl(chunk: ChunkTask) -> None:
 
 def noop(chunk: ChunkTask) -> None:
     return None
+
+
+def io_seconds() -> float:
+    return float(os.environ.get("CHUNKQ_SAMPLE_SECONDS", "0.5"))
+
+
+async def io_wait(chunk: ChunkTask) -> None:
+    await asyncio.sleep(io_seconds())
+
+
+def io_sleep(chunk: ChunkTask) -> None:
+    time.sleep(io_seconds())

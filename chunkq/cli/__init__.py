@@ -128,7 +128,10 @@ def connect(args: argparse.Namespace, *, check: bool = True) -> psycopg.Connecti
     dsn = resolve_dsn(args)
     args.resolved_dsn = dsn
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        # prepare_threshold=None: no server-side prepared statements. A command's calls are few (a watched
+        # progress repeats one), and through PgBouncer in transaction mode each call may run on another
+        # server connection, where a statement prepared on the last one does not exist.
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10, prepare_threshold=None)
     except psycopg.OperationalError as exc:
         raise Failure(f"cannot connect to the database: {one_line(exc)}", EXIT_UNREACHABLE) from exc
     if check:
