@@ -667,8 +667,12 @@ GRANT EXECUTE ON FUNCTION chunkq.defer_chunk(bigint, integer, interval, text, bo
 -- by another claimer at that moment), nothing: try again at once. A job at its cap
 -- waits for a completion, which the completing worker claims after itself.
 -- (An interval, not a time: the worker's clock need not agree with the server's.)
+-- PL/pgSQL rather than SQL for its plan cache: idle workers call this after every
+-- empty claim, and a SQL function with SET is planned again on every call.
 CREATE FUNCTION chunkq.claimable_in(p_job_id bigint DEFAULT NULL) RETURNS interval
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (
     WITH jobs AS (
         SELECT j.id, j.rate_key, r.blocked_until, r.rate, r.max_running AS key_max_running,
                least(r.burst, r.tokens + r.rate * extract(epoch FROM clock_timestamp() - r.refilled_at)) AS tokens,
@@ -691,7 +695,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                          WHERE o.rate_key = jobs.rate_key AND o.finished_at IS NULL) THEN NULL
                WHEN tokens < 1 THEN refilled_at + make_interval(secs => (1 - tokens_then) / rate)
                ELSE clock_timestamp() END) AS at
-              FROM jobs) m;
+              FROM jobs) m);
+END
 $$;
 COMMENT ON FUNCTION chunkq.claimable_in(bigint) IS
     'How long until a chunk held back by a limit may be claimed (a blocked key, an empty bucket, or 0 when one '

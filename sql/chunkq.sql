@@ -1948,10 +1948,12 @@ GRANT EXECUTE ON FUNCTION chunkq.claim_chunks(text, integer, bigint, interval) T
 
 CREATE OR REPLACE FUNCTION chunkq.claimable_in(p_job_id bigint DEFAULT NULL::bigint)
  RETURNS interval
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+BEGIN
+    RETURN (
     WITH jobs AS (
         SELECT j.id, j.rate_key, r.blocked_until, r.rate, r.max_running AS key_max_running,
                least(r.burst, r.tokens + r.rate * extract(epoch FROM clock_timestamp() - r.refilled_at)) AS tokens,
@@ -1974,7 +1976,8 @@ AS $function$
                                          WHERE o.rate_key = jobs.rate_key AND o.finished_at IS NULL) THEN NULL
                WHEN tokens < 1 THEN refilled_at + make_interval(secs => (1 - tokens_then) / rate)
                ELSE clock_timestamp() END) AS at
-              FROM jobs) m;
+              FROM jobs) m);
+END
 $function$;
 COMMENT ON FUNCTION chunkq.claimable_in(bigint) IS
     'How long until a chunk held back by a limit may be claimed (a blocked key, an empty bucket, or 0 when one may '

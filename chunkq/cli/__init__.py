@@ -777,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = EXIT_REFUSED, str(exc)
     except psycopg.OperationalError as exc:
         code, message = EXIT_UNREACHABLE, f"database error: {one_line(exc)}"
+    except psycopg.Error as exc:  # anything else the server refused (e.g. a write on a standby): one line
+        code, message = EXIT_REFUSED, f"database error: {one_line(exc.diag.message_primary or exc)}"
     except KeyboardInterrupt:
         code, message = EXIT_INTERRUPTED, "interrupted"
     errors.print(f"chunkq: {message}", highlight=False, markup=False)

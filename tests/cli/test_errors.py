@@ -65,3 +65,20 @@ def test_unreachable_database(chunkq):
 def test_unmigrated_database(chunkq, empty_dsn):
     result = chunkq("job", "list", env=cli_env(CHUNKQ_DSN=empty_dsn))
     assert result.code == 5 and "chunkq migrate" in result.err and "Traceback" not in result.err
+
+
+def test_a_write_the_server_refuses_is_one_line(chunkq, conn, dsn):
+    """Pointed at a standby (here: a read-only session), a write is refused with the server's own words."""
+    before = snapshot(conn)
+    result = chunkq(
+        "job",
+        "create",
+        "--name",
+        "x",
+        "--max-images",
+        "10",
+        env=cli_env(CHUNKQ_DSN=dsn, PGOPTIONS="-c default_transaction_read_only=on"),
+    )
+    assert result.code == 1, result
+    assert result.err.strip() == "chunkq: database error: cannot execute INSERT in a read-only transaction"
+    assert snapshot(conn) == before
