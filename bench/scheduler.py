@@ -4,7 +4,8 @@
 
 1. fairness   a pool of 4 processes, a handler of about 5 ms per chunk: a job of 500
               chunks alone, then jobs of 200,000 / 20,000 / 500 chunks created in that
-              order (same priority): how long the 500-chunk job takes in each case; then
+              order (same priority): how long the 500-chunk job takes in each case, and
+              with weight 2 (half the pool: about 2x alone, where equal shares give 3x); then
               three jobs that all have work for --seconds (200,000 / 20,000 / 20,000, one
               of weight 2): each job's share of the claims and Jain's fairness index
               (of the shares divided by the weights);
@@ -125,10 +126,19 @@ def fairness(dsn: str, seconds: float, quick: bool) -> None:
             make_job(conn, 2_000 if quick else 20_000)
             together = seconds_to_finish(conn, make_job(conn, small))
             conn.execute("SELECT chunkq.cancel_job(id) FROM chunkq.crawl_jobs WHERE finished_at IS NULL")
+        # Equal shares of three jobs make the small one take about 3x its time alone; a weight of 2 gives it
+        # half the pool (2x alone), at the price of fairness by count, which is what a weight asks for.
+        clean(conn)
+        with pool(dsn, 4, "workers.sample:crawl", env):
+            make_job(conn, 20_000 if quick else 200_000)
+            make_job(conn, 2_000 if quick else 20_000)
+            weighted = seconds_to_finish(conn, make_job(conn, small, weight=2))
+            conn.execute("SELECT chunkq.cancel_job(id) FROM chunkq.crawl_jobs WHERE finished_at IS NULL")
         print(f"\n1. Fairness, a pool of 4 processes, about {HANDLER_SECONDS * 1000:.0f} ms per chunk")
         print(
             f"   the {small}-chunk job alone: {alone:.2f} s; created after jobs of 200,000 and 20,000 chunks:"
-            f" {together:.2f} s = {together / alone:.2f} x alone (first in, first out it would wait for both)"
+            f" {together:.2f} s = {together / alone:.2f} x alone (first in, first out it would wait for both;"
+            f" a third of the pool makes it 3 x); with weight 2: {weighted:.2f} s = {weighted / alone:.2f} x alone"
         )
         del big
 
