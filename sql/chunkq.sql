@@ -2854,6 +2854,29 @@ BEGIN
      ) m(metric, labels, value)
      WHERE m.value IS NOT NULL;
 
+    -- Rate keys (0010): how many hold chunks back now, and for the keys in use (the
+    -- ones holding back first, then by waiting chunks; at most 100, to bound the
+    -- series) whether each does, its running and waiting chunks and its tokens.
+    RETURN QUERY
+    SELECT 'chunkq_rate_keys_throttled', '{}'::jsonb,
+           (SELECT count(*) FROM chunkq.rate_limit_state r WHERE r.held_back IS NOT NULL)::float8;
+    RETURN QUERY
+    WITH keys AS (
+        SELECT r.* FROM chunkq.rate_limit_state r
+         WHERE r.jobs > 0 OR r.held_back IS NOT NULL
+         ORDER BY r.held_back IS NULL, r.pending_chunks DESC, r.key
+         LIMIT 100
+    )
+    SELECT m.metric, jsonb_build_object('key', k.key), m.value
+      FROM keys k
+     CROSS JOIN LATERAL (VALUES
+        ('chunkq_rate_key_throttled', (k.held_back IS NOT NULL)::integer::float8),
+        ('chunkq_rate_key_running_chunks', k.running_chunks::float8),
+        ('chunkq_rate_key_pending_chunks', k.pending_chunks::float8),
+        ('chunkq_rate_key_tokens', k.tokens)
+     ) m(metric, value)
+     WHERE m.value IS NOT NULL;
+
     RETURN QUERY
     SELECT v.metric, '{}'::jsonb, v.value
       FROM (VALUES
@@ -2890,9 +2913,9 @@ COMMENT ON FUNCTION chunkq.metrics_snapshot(integer) IS
     'Every gauge a Prometheus scrape of chunkq needs, in one call that reads the counter rows and a few index '
     'probes, never a count over job_chunks: chunks by state (in total and for the p_top_jobs unfinished or latest '
     'jobs, the rest under job "other"), jobs by status, pending chunks and the oldest pending age by priority, '
-    'completion rate, failure ratio, errors, expired leases, connected workers, dead rows, vacuum and the oldest '
-    'open transaction. docs/monitoring.md explains each. Example: SELECT * FROM chunkq.metrics_snapshot(5) ORDER '
-    'BY metric;';
+    'completion rate, failure ratio, errors, expired leases, connected workers, rate keys that hold chunks back '
+    '(and, for up to 100 keys in use, each key''s state), dead rows, vacuum and the oldest open transaction. '
+    'docs/monitoring.md explains each. Example: SELECT * FROM chunkq.metrics_snapshot(5) ORDER BY metric;';
 GRANT EXECUTE ON FUNCTION chunkq.metrics_snapshot(integer) TO chunkq_reader;
 
 CREATE OR REPLACE FUNCTION chunkq.pause_job(p_job_id bigint)

@@ -233,14 +233,11 @@ class Worker:
 
     def handle_results(self, first: Result | None = None) -> None:
         """Every result that has come in: a completion is held back for the next claim, a failure reported."""
-        while True:
+        while first is not None or not self.results.empty():  # (this thread alone takes from the queue)
             if first is not None:
                 result, first = first, None
             else:
-                try:
-                    result = self.results.get_nowait()
-                except queue.Empty:
-                    break
+                result = self.results.get_nowait()
             held = result.held
             self.last_took = result.took
             metrics.handler_took(result.took)
@@ -260,8 +257,11 @@ class Worker:
         FLUSH_AFTER: the next claim is at least one more chunk like the last one away."""
         if self.completed_since is None:
             return
+        waited = time.monotonic() - self.completed_since
+        if waited + self.last_took <= FLUSH_AFTER:  # one more chunk like the last fits, whenever the claim comes
+            return
         claim_soon = self.may_claim() and not self.stopping.is_set() and time.monotonic() >= self.claim_after
-        if time.monotonic() - self.completed_since + (0 if claim_soon else self.last_took) > FLUSH_AFTER:
+        if waited + (0 if claim_soon else self.last_took) > FLUSH_AFTER:
             self.flush_completions()
 
     def flush_completions(self) -> None:

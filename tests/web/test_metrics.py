@@ -206,3 +206,33 @@ def test_without_metrics_port_the_pool_serves_nothing_and_imports_nothing(conn, 
     errors = {row[0] for row in conn.execute("SELECT split_part(error, E'\\n', 1) FROM chunkq.chunk_errors")}
     assert errors == {"DoNotRetry: prometheus_client imported: False"}
     assert pool.stop() == 0
+
+
+def test_rate_keys_that_hold_chunks_back_are_counted_and_each_key_equals_its_view_row(conn, start_web):
+    conn.execute("SELECT chunkq.set_rate_limit('site-a', 1, 1, NULL)")  # one chunk a second, no more in a burst
+    conn.execute("SELECT chunkq.set_rate_limit('site-b', NULL, NULL, 5)")  # a cap the jobs do not reach
+    conn.execute("SELECT chunkq.set_rate_limit('idle-key', 2, 2, NULL)")  # no job names it
+    for chunks, key in ((4, "site-a"), (2, "site-b")):
+        (job_id,) = conn.execute(
+            "SELECT id FROM chunkq.create_job(1, 'keyed', '[]', %s, p_rate_key => %s)", (500 * chunks, key)
+        ).fetchone()
+        conn.execute("SELECT chunkq.create_chunks(%s)", (job_id,))
+    claim(conn, limit=4)  # takes site-a's one token (and site-b's chunks): site-a now holds back three
+    web = start_web()
+    metrics = parse(web.get("/metrics").text)
+    state = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT key, held_back IS NOT NULL, running_chunks, pending_chunks, tokens FROM chunkq.rate_limit_state"
+        )
+    }
+    assert state["site-a"][0] and not state["site-b"][0], state
+    assert value(metrics, "chunkq_rate_keys_throttled") == 1
+    for key in ("site-a", "site-b"):
+        held_back, running, pending, _ = state[key]
+        assert value(metrics, "chunkq_rate_key_throttled", key=key) == int(held_back)
+        assert value(metrics, "chunkq_rate_key_running_chunks", key=key) == running
+        assert value(metrics, "chunkq_rate_key_pending_chunks", key=key) == pending
+    assert value(metrics, "chunkq_rate_key_tokens", key="site-a") < 1
+    assert ("chunkq_rate_key_tokens", (("key", "site-b"),)) not in metrics["chunkq_rate_key_tokens"][1]  # no rate
+    assert all(dict(labels)["key"] != "idle-key" for (_, labels) in metrics["chunkq_rate_key_throttled"][1])
