@@ -303,8 +303,11 @@ class QueueDepth:
 
     priority: int
     pending_chunks: int
-    claimable_chunks: int
+    claimable_chunks: int  # may be claimed now (limited_chunks among them, as their limits allow)
     oldest_pending_age: timedelta
+    paused_chunks: int = 0  # of paused jobs
+    retrying_chunks: int = 0  # waiting out a retry back-off or a retry-after
+    limited_chunks: int = 0  # of jobs with a cap or a limited rate key
 
 
 @dataclass(frozen=True, slots=True)

@@ -552,6 +552,24 @@ COMMENT ON FUNCTION chunkq.list_jobs(chunkq.job_status, integer) IS
 REVOKE ALL ON FUNCTION chunkq.list_jobs(chunkq.job_status, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION chunkq.list_jobs(chunkq.job_status, integer) TO chunkq_reader;
 
+DROP VIEW chunkq.queue_depth;
+CREATE VIEW chunkq.queue_depth AS
+SELECT c.priority,
+       count(*) AS pending_chunks,
+       count(*) FILTER (WHERE c.available_at <= now()) AS claimable_chunks,
+       now() - min(c.created_at) AS oldest_pending_age
+  FROM chunkq.job_chunks c
+ WHERE c.status = 'pending'
+ GROUP BY c.priority;
+COMMENT ON VIEW chunkq.queue_depth IS
+    'Pending chunks by priority: how many, how many may be claimed now (the rest wait out a retry backoff), '
+    'and how long the oldest has waited. Reads every pending chunk (the claim index).';
+COMMENT ON COLUMN chunkq.queue_depth.priority IS 'Chunk priority; higher is claimed first.';
+COMMENT ON COLUMN chunkq.queue_depth.pending_chunks IS 'Pending chunks of this priority.';
+COMMENT ON COLUMN chunkq.queue_depth.claimable_chunks IS 'Of those, how many a claim may take now.';
+COMMENT ON COLUMN chunkq.queue_depth.oldest_pending_age IS 'Age of the oldest pending chunk of this priority.';
+GRANT SELECT ON chunkq.queue_depth TO chunkq_reader;
+
 DROP INDEX chunkq.job_chunks_claim_order;
 CREATE INDEX job_chunks_claim_order ON chunkq.job_chunks USING btree (priority DESC, id) WHERE ((status = 'pending'::chunkq.chunk_status) AND (available_at < 'infinity'::timestamp with time zone));
 COMMENT ON INDEX chunkq.job_chunks_claim_order IS

@@ -1345,5 +1345,35 @@ COMMENT ON COLUMN chunkq.job_overview.held_back IS
     'rate key blocked / capped / rate-limited, waiting to retry. NULL: nothing does.';
 GRANT SELECT ON chunkq.job_overview, chunkq.rate_limit_state TO chunkq_reader;
 
+-- queue_depth says what keeps a priority's pending chunks from being claimed: a
+-- paused job, a retry back-off or deferral, or the limits of their job or key
+-- (limited chunks are claimable only as the limits allow; job_overview.held_back
+-- and rate_limit_state say whether they do now). claimable_chunks leaves paused
+-- jobs' chunks out now.
+CREATE OR REPLACE VIEW chunkq.queue_depth AS
+SELECT c.priority,
+       count(*) AS pending_chunks,
+       count(*) FILTER (WHERE c.available_at <= now() AND j.paused_at IS NULL) AS claimable_chunks,
+       now() - min(c.created_at) AS oldest_pending_age,
+       count(*) FILTER (WHERE j.paused_at IS NOT NULL) AS paused_chunks,
+       count(*) FILTER (WHERE c.available_at > now() AND j.paused_at IS NULL) AS retrying_chunks,
+       count(*) FILTER (WHERE c.limited AND c.available_at <= now() AND j.paused_at IS NULL) AS limited_chunks
+  FROM chunkq.job_chunks c
+  JOIN chunkq.crawl_jobs j ON j.id = c.job_id
+ WHERE c.status = 'pending'
+ GROUP BY c.priority;
+COMMENT ON VIEW chunkq.queue_depth IS
+    'Pending chunks by priority: how many, how many may be claimed now, how long the oldest has waited, and what '
+    'holds the others back (a paused job, a retry back-off or deferral); limited_chunks are claimable only as their '
+    'job''s or key''s limits allow. Reads every pending chunk. Example: SELECT * FROM chunkq.queue_depth;';
+COMMENT ON COLUMN chunkq.queue_depth.claimable_chunks IS
+    'Of those, how many a claim may take now (limited_chunks among them, as their limits allow).';
+COMMENT ON COLUMN chunkq.queue_depth.paused_chunks IS 'Pending chunks of paused jobs.';
+COMMENT ON COLUMN chunkq.queue_depth.retrying_chunks IS
+    'Pending chunks waiting out a retry back-off or a handler''s retry-after (not of paused jobs).';
+COMMENT ON COLUMN chunkq.queue_depth.limited_chunks IS
+    'Claimable chunks of jobs with a cap or a limited rate key: taken only as those limits allow '
+    '(job_overview.held_back, rate_limit_state).';
+
 CREATE OR REPLACE FUNCTION chunkq.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 10';

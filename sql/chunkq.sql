@@ -787,20 +787,32 @@ COMMENT ON COLUMN chunkq.live_workers.next_lease_expiry IS 'The earliest lease i
 GRANT SELECT ON TABLE chunkq.live_workers TO chunkq_reader;
 
 CREATE VIEW chunkq.queue_depth AS
- SELECT priority,
+ SELECT c.priority,
     count(*) AS pending_chunks,
-    count(*) FILTER (WHERE available_at <= now()) AS claimable_chunks,
-    now() - min(created_at) AS oldest_pending_age
+    count(*) FILTER (WHERE c.available_at <= now() AND j.paused_at IS NULL) AS claimable_chunks,
+    now() - min(c.created_at) AS oldest_pending_age,
+    count(*) FILTER (WHERE j.paused_at IS NOT NULL) AS paused_chunks,
+    count(*) FILTER (WHERE c.available_at > now() AND j.paused_at IS NULL) AS retrying_chunks,
+    count(*) FILTER (WHERE c.limited AND c.available_at <= now() AND j.paused_at IS NULL) AS limited_chunks
    FROM chunkq.job_chunks c
-  WHERE status = 'pending'::chunkq.chunk_status
-  GROUP BY priority;
+     JOIN chunkq.crawl_jobs j ON j.id = c.job_id
+  WHERE c.status = 'pending'::chunkq.chunk_status
+  GROUP BY c.priority;
 COMMENT ON VIEW chunkq.queue_depth IS
-    'Pending chunks by priority: how many, how many may be claimed now (the rest wait out a retry backoff), and '
-    'how long the oldest has waited. Reads every pending chunk (the claim index).';
+    'Pending chunks by priority: how many, how many may be claimed now, how long the oldest has waited, and what '
+    'holds the others back (a paused job, a retry back-off or deferral); limited_chunks are claimable only as '
+    'their job''s or key''s limits allow. Reads every pending chunk. Example: SELECT * FROM chunkq.queue_depth;';
 COMMENT ON COLUMN chunkq.queue_depth.priority IS 'Chunk priority; higher is claimed first.';
 COMMENT ON COLUMN chunkq.queue_depth.pending_chunks IS 'Pending chunks of this priority.';
-COMMENT ON COLUMN chunkq.queue_depth.claimable_chunks IS 'Of those, how many a claim may take now.';
+COMMENT ON COLUMN chunkq.queue_depth.claimable_chunks IS
+    'Of those, how many a claim may take now (limited_chunks among them, as their limits allow).';
 COMMENT ON COLUMN chunkq.queue_depth.oldest_pending_age IS 'Age of the oldest pending chunk of this priority.';
+COMMENT ON COLUMN chunkq.queue_depth.paused_chunks IS 'Pending chunks of paused jobs.';
+COMMENT ON COLUMN chunkq.queue_depth.retrying_chunks IS
+    'Pending chunks waiting out a retry back-off or a handler''s retry-after (not of paused jobs).';
+COMMENT ON COLUMN chunkq.queue_depth.limited_chunks IS
+    'Claimable chunks of jobs with a cap or a limited rate key: taken only as those limits allow '
+    '(job_overview.held_back, rate_limit_state).';
 GRANT SELECT ON TABLE chunkq.queue_depth TO chunkq_reader;
 
 CREATE VIEW chunkq.rate_limit_state AS

@@ -470,7 +470,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         record(stats, title="queue")
         table(
-            depth, ["priority", "pending_chunks", "claimable_chunks", "oldest_pending_age"], title="pending by priority"
+            depth,
+            [
+                "priority",
+                "pending_chunks",
+                "claimable_chunks",
+                "limited_chunks",
+                "retrying_chunks",
+                "paused_chunks",
+                "oldest_pending_age",
+            ],
+            title="pending by priority",
         )
     return 0
 

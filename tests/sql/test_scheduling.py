@@ -435,6 +435,23 @@ def test_job_overview_says_what_holds_each_job_back(conn):
     assert held[free] is None
 
 
+def test_queue_depth_says_what_holds_each_prioritys_chunks_back(conn):
+    paused = job(conn, 5)
+    conn.execute("SELECT chunkq.pause_job(%s)", (paused,))
+    job(conn, 5, max_running=1)
+    retrying = job(conn, 2)
+    job(conn, 3)
+    ((chunk_id, attempt, token),) = conn.execute(
+        "SELECT id, attempt, lease_token FROM chunkq.claim_chunks('w', 1, %s)", (retrying,)
+    ).fetchall()
+    conn.execute("SELECT chunkq.fail_chunk(%s, %s, 'flaky', true, p_lease_token => %s)", (chunk_id, attempt, token))
+    (row,) = conn.execute(
+        "SELECT pending_chunks, claimable_chunks, paused_chunks, retrying_chunks, limited_chunks"
+        " FROM chunkq.queue_depth"
+    ).fetchall()
+    assert row == (15, 15 - 5 - 1, 5, 1, 5)  # paused: 5; waiting out the back-off: 1; the capped job's: 5
+
+
 def test_claimable_in_says_how_long_until_a_held_back_chunk_may_be_claimed(conn):
     assert conn.execute("SELECT chunkq.claimable_in()").fetchone() == (None,)  # nothing limited: the poll
     conn.execute("SELECT chunkq.set_rate_limit('site', 2, 1)")
