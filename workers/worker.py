@@ -190,7 +190,7 @@ class Worker:
         return not self.holdings.has_waiting() and self.holdings.running < self.config.concurrency
 
     def start_handlers(self) -> None:
-        """Starts waiting chunks in the free handler slots; with one slot and a plain handler, runs one here."""
+        """Starts waiting chunks in the free handler slots (one slot and a plain handler: runs them here, in turn)."""
         while self.holdings.running < self.config.concurrency and not self.stopping.is_set():
             held = self.holdings.next_waiting()
             if held is None:
@@ -202,8 +202,9 @@ class Worker:
                 continue
             self.holdings.start(held)
             self.runner.start(held, self.task(held))
-            if self.config.concurrency == 1:
-                break  # one chunk a turn, so its completion is weighed before the next starts
+            # An inline handler is done already: its completion is weighed (reported now, or held back for
+            # the next claim) before the next chunk starts, and its slot is free again.
+            self.handle_results()
         self.handle_results()
 
     def task(self, held: Held) -> ChunkTask:
