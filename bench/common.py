@@ -184,7 +184,9 @@ def wait_for_connections(conn: psycopg.Connection[Any], at_least: int, timeout: 
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         count = one(
-            conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'",  # not an autovacuum worker of this database
         )[0]
         if count != last:
             last, since = count, time.monotonic()

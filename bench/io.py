@@ -144,7 +144,7 @@ class Sampler(threading.Thread):
                 (count,) = one(
                     conn,
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s)"
+                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s) AND backend_type = 'client backend'"
                     " AND application_name NOT LIKE 'chunkq supervisor %%'",
                     (self.ignore,),
                 )
@@ -445,6 +445,7 @@ def idle_polling(dsn: str, bouncer: Bouncer, seconds: float) -> tuple[float, flo
         def backends() -> list[int]:
             rows = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend'"
             ).fetchall()
             return [pid for (pid,) in rows]
 

@@ -25,7 +25,9 @@ def overlaps(marks) -> int:
 
 def connections(conn) -> int:
     return conn.execute(
+        # Client backends only: an autovacuum worker of this database is listed too (the embedded server runs it).
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'"
     ).fetchone()[0]
 
 

@@ -51,7 +51,7 @@ class ServerConnections(threading.Thread):
             while not self.stop.wait(0.02):
                 count = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s)",
+                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s) AND backend_type = 'client backend'",
                     (self.direct,),
                 ).fetchone()[0]
                 self.most = max(self.most, count)
