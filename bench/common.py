@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 import chunkq
 from chunkq.embedded import embedded_server
 from chunkq.sync import CrawlJobRepository, JobChunkRepository
-from chunkq.testing import TemplateDatabases
+from chunkq.testing import TemplateDatabases, other_connections
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -183,11 +183,7 @@ def wait_for_connections(conn: psycopg.Connection[Any], at_least: int, timeout: 
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        count = one(
-            conn,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            " AND backend_type = 'client backend'",  # not an autovacuum worker of this database
-        )[0]
+        count = len(other_connections(conn))
         if count != last:
             last, since = count, time.monotonic()
         elif count >= at_least and time.monotonic() - since >= 1.0:

@@ -62,7 +62,7 @@ from bench.common import (
 from bench.pool import rss_mb
 from chunkq.embedded import embedded_server
 from chunkq.sync import JobChunkRepository
-from chunkq.testing import Bouncer, pgbouncer
+from chunkq.testing import Bouncer, other_connections, pgbouncer
 
 ROOT = Path(__file__).resolve().parents[1]
 IO_SECONDS = 0.5  # per chunk, as the issue gives it
@@ -141,13 +141,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while True:
-                (count,) = one(
-                    conn,
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s) AND backend_type = 'client backend'"
-                    " AND application_name NOT LIKE 'chunkq supervisor %%'",
-                    (self.ignore,),
-                )
+                others = other_connections(conn, self.ignore)
+                count = sum(1 for _, name in others if not name.startswith("chunkq supervisor "))
                 self.connections = max(self.connections, count)
                 for pid in self.pids():
                     self.rss[pid] = max(self.rss.get(pid, 0.0), rss_mb(pid))
@@ -443,11 +438,7 @@ def idle_polling(dsn: str, bouncer: Bouncer, seconds: float) -> tuple[float, flo
     ):
 
         def backends() -> list[int]:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                " AND backend_type = 'client backend'"
-            ).fetchall()
-            return [pid for (pid,) in rows]
+            return [pid for pid, _ in other_connections(conn)]
 
         vacuum_queue(conn)  # the drains' dead index entries would make every empty claim step over them
         wait_for_clients(bouncer, dbname, BOUNCER_PROCESSES)

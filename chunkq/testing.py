@@ -29,9 +29,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -41,6 +42,19 @@ from .embedded import embedded_server
 from .schema import migrate
 
 logger = logging.getLogger("chunkq.testing")
+
+
+def other_connections(conn: psycopg.Connection[Any], ignore: Sequence[int] = ()) -> list[tuple[int, str]]:
+    """(pid, application_name) of every client connection to conn's database but conn's own and the backends
+    ``ignore`` names: what a pool, or the PgBouncer in front of it, holds open. (An autovacuum worker of the
+    database is listed in pg_stat_activity too, and is no connection: left out.)"""
+    return conn.execute(
+        "SELECT pid, application_name FROM pg_stat_activity"
+        " WHERE datname = current_database() AND backend_type = 'client backend'"
+        " AND pid <> pg_backend_pid() AND pid <> ALL(%s)",
+        (list(ignore),),
+    ).fetchall()
+
 
 #: The image testcontainers runs; pinned so every run tests the same server.
 PINNED_IMAGE = "postgres:17.6-alpine"

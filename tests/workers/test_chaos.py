@@ -14,6 +14,7 @@ import time
 import psycopg
 import pytest
 
+from chunkq.testing import other_connections
 from tests.helpers.db import assert_counters_consistent, new_job
 from tests.helpers.pool import alive, progress, wait_until
 
@@ -55,13 +56,7 @@ CREATE TRIGGER chaos_job_finished AFTER UPDATE OF finished_at ON chunkq.crawl_jo
 
 
 def worker_backends(conn: psycopg.Connection) -> list[int]:
-    return [
-        pid
-        for (pid,) in conn.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name LIKE 'chunkq worker %'"
-        )
-    ]
+    return [pid for pid, name in other_connections(conn) if name.startswith("chunkq worker ")]
 
 
 def unleash(pool, conn: psycopg.Connection, rng: random.Random, seconds: float) -> dict[str, int]:

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from chunkq.testing import other_connections
 from tests.helpers.db import assert_counters_consistent, new_job, statuses
 from tests.helpers.pool import ROOT, progress, wait_until
 from tests.sql.test_scheduling import job, overlap
@@ -24,11 +25,7 @@ def overlaps(marks) -> int:
 
 
 def connections(conn) -> int:
-    return conn.execute(
-        # Client backends only: an autovacuum worker of this database is listed too (the embedded server runs it).
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND backend_type = 'client backend'"
-    ).fetchone()[0]
+    return len(other_connections(conn))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from chunkq import CrawlJobRepository, JobChunkingService, JobChunkRepository, ValidationError
-from chunkq.testing import Bouncer, TestServer, pgbouncer, pgbouncer_binary
+from chunkq.testing import Bouncer, TestServer, other_connections, pgbouncer, pgbouncer_binary
 from tests.cli.conftest import cli_env
 from tests.helpers.db import assert_counters_consistent, new_job, statuses
 from tests.helpers.pool import ROOT, wait_until
@@ -49,12 +49,7 @@ class ServerConnections(threading.Thread):
     def run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self.stop.wait(0.02):
-                count = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND pid <> ALL(%s) AND backend_type = 'client backend'",
-                    (self.direct,),
-                ).fetchone()[0]
-                self.most = max(self.most, count)
+                self.most = max(self.most, len(other_connections(conn, self.direct)))
 
     def __enter__(self) -> ServerConnections:
         self.start()

@@ -11,6 +11,7 @@ from collections import Counter
 import psycopg
 import pytest
 
+from chunkq.testing import other_connections
 from tests.helpers.db import assert_counters_consistent, new_job
 from tests.helpers.pool import ROOT, progress, wait_until
 
@@ -264,11 +265,7 @@ def test_connection_count_is_processes_plus_one(dsn, conn, start_pool):
     pool = start_pool(*NOOP, "--processes", "3")
     wait_until(lambda: len(pool.worker_pids()) == 3, 30, "three workers")
     time.sleep(0.5)
-    others = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND backend_type = 'client backend'"  # not an autovacuum worker of this database
-    ).fetchone()[0]
-    assert others == 4
+    assert len(other_connections(conn)) == 4
     assert pool.stop() == 0
 
 
