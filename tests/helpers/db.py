@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from chunkq.schema import migrations_path
 
@@ -15,6 +20,22 @@ MIGRATIONS = sorted(p.stem for p in migrations_path().glob("*.sql") if not p.nam
 
 #: The worker's fast path as the SQL tests call it: complete_and_claim(chunk ids, attempts, worker id, limit).
 FAST = "SELECT id, attempt, status::text, worker_id FROM chunkq.complete_and_claim(%s, %s, %s, %s)"
+
+
+@contextlib.contextmanager
+def login_role(dsn: str, prefix: str, *groups: str) -> Iterator[str]:
+    """The DSN of a new login role ``prefix_<random>``, a member of ``groups`` (none: no chunkq grants at all);
+    its sessions are ended and it is dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    member = sql.SQL(" IN ROLE {}").format(sql.SQL(", ").join(map(sql.Identifier, groups))) if groups else sql.SQL("")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'{}").format(sql.Identifier(name), member))
+    try:
+        yield make_conninfo(dsn, user=name, password="pw")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:

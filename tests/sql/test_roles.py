@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -9,11 +10,9 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from tests.cli.conftest import cli_env
-from tests.helpers.db import claim, new_job, snapshot
+from tests.helpers.db import claim, login_role, new_job, snapshot
 from tests.helpers.pool import ROOT, wait_until
 
 DENIED = "42501"
@@ -22,23 +21,8 @@ DENIED = "42501"
 @pytest.fixture
 def login(dsn: str) -> Iterator[Callable[[str], str]]:
     """login("chunkq_worker") -> the DSN of a new login role that is a member of it (dropped afterwards)."""
-    created: list[str] = []
-
-    def make(group: str) -> str:
-        name = f"chunkq_test_{group.split('_')[1]}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE {}").format(
-                    sql.Identifier(name), sql.Identifier(group)
-                )
-            )
-        created.append(name)
-        return make_conninfo(dsn, user=name, password="pw")
-
-    yield make
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        for name in created:
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    with contextlib.ExitStack() as roles:
+        yield lambda group: roles.enter_context(login_role(dsn, f"chunkq_test_{group.split('_')[1]}", group))
 
 
 def refused(conn: psycopg.Connection, statement: str, *params: object) -> str:

@@ -11,18 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from tests.cli.conftest import cli_env
+from tests.helpers.db import login_role
 from tests.helpers.pool import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -120,13 +117,8 @@ def start_web(dsn: str, tmp_path: Path) -> Iterator[Callable[..., Web]]:
 @pytest.fixture
 def reader_dsn(dsn: str) -> Iterator[str]:
     """The DSN of a new login role that is only a member of chunkq_reader (dropped afterwards)."""
-    name = f"chunkq_test_web_reader_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE chunkq_reader").format(sql.Identifier(name)))
-    yield make_conninfo(dsn, user=name, password="pw")
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
-        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    with login_role(dsn, "chunkq_test_web_reader", "chunkq_reader") as reader:
+        yield reader
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,14 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from chunkq.workers.config import PoolConfig
 from chunkq.workers.supervisor import Supervisor
-from tests.helpers.db import assert_counters_consistent, new_job
+from tests.helpers.db import assert_counters_consistent, login_role, new_job
 from tests.helpers.pool import alive, progress, wait_until
 
 NOOP = ("--handler", "chunkq.workers.sample:noop")
@@ -51,12 +48,8 @@ HOSTILE_PAYLOADS = [
 @pytest.fixture
 def stranger(dsn: str) -> Iterator[str]:
     """The DSN of a login role with no chunkq grants at all: NOTIFY needs no privilege."""
-    name = f"chunkq_test_stranger_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(name)))
-    yield make_conninfo(dsn, user=name, password="pw")
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    with login_role(dsn, "chunkq_test_stranger") as stranger:
+        yield stranger
 
 
 def test_forged_notifications_cannot_break_the_supervisor(dsn, conn, start_pool, stranger):
