@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -53,6 +52,7 @@ from bench.common import (
     cpu_seconds,
     new_job,
     one,
+    parser,
     postgres_pids,
     server_line,
     table,
@@ -162,6 +162,14 @@ def server_now(conn: psycopg.Connection[Any]) -> Any:
     return one(conn, "SELECT clock_timestamp()")[0]
 
 
+def measured_window(conn: psycopg.Connection[Any], plan: Plan) -> tuple[Any, Any]:
+    """Waits out plan.warmup, then plan.seconds: the server's clock at the start and the end of the second wait."""
+    time.sleep(plan.warmup)
+    start = server_now(conn)
+    time.sleep(plan.seconds)
+    return start, server_now(conn)
+
+
 class Results:
     """Every value measured, by key; printed as it comes so that a run that dies keeps them."""
 
@@ -196,10 +204,7 @@ def chunkq_sustained(dsn: str, plan: Plan, processes: int, concurrency: int, han
         chunks = int(processes * concurrency / IO_SECONDS * (plan.warmup + plan.seconds) * 1.2) + 100
         with Sampler(dsn, lambda: children(proc.pid), [conn.info.backend_pid]) as sampled:
             job_id = new_job(conn, chunks, chunk_size=1)
-            time.sleep(plan.warmup)
-            start = server_now(conn)
-            time.sleep(plan.seconds)
-            end = server_now(conn)
+            start, end = measured_window(conn, plan)
         (done,) = one(
             conn,
             "SELECT count(*) FROM chunkq.job_chunks WHERE job_id = %s AND status = 'completed'"
@@ -244,10 +249,7 @@ def procrastinate_sustained(admin: str, plan: Plan) -> tuple[float, Sampler]:
             jobs = int(IO_PROCESSES * IO_CONCURRENCY / IO_SECONDS * (plan.warmup + plan.seconds) * 1.2) + 100
             with Sampler(dsn, lambda: [p.pid for p in procs], [conn.info.backend_pid]) as sampled:
                 asyncio.run(peers.enqueue_procrastinate_io(dsn, jobs))
-                time.sleep(plan.warmup)
-                start = server_now(conn)
-                time.sleep(plan.seconds)
-                end = server_now(conn)
+                start, end = measured_window(conn, plan)
             (done,) = one(
                 conn,
                 "SELECT count(*) FROM procrastinate_events WHERE type = 'succeeded' AND at >= %s AND at < %s",
@@ -653,15 +655,10 @@ def report(plan: Plan, fit: int, samples: versus.Samples, resumed: Resumed, r: R
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="workers shaped for I/O: every measurement of issue 16, side by side")
-    p.add_argument(
-        "--dsn",
-        default=os.environ.get("CHUNKQ_DSN"),
-        help="admin DSN of the server to use (default: $CHUNKQ_DSN, else an embedded Postgres)",
-    )
+    p = parser("workers shaped for I/O: every measurement of issue 16, side by side")
+    p.set_defaults(repeats=None)  # None: the plan's (3, or 1 with --quick)
     p.add_argument("--quick", action="store_true", help="everything tiny (seconds): a smoke test")
     p.add_argument("--seconds", type=float, help="seconds measured per I/O run (default 60)")
-    p.add_argument("--repeats", type=int, help="repeats of each drain (default 3)")
     p.add_argument("--baseline", default="28e461d", help="the commit the no-op drains compare with")
     args = p.parse_args()
     plan = QUICK if args.quick else FULL
