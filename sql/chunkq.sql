@@ -2869,18 +2869,21 @@ BEGIN
     -- Rate keys (0010): how many hold chunks back now, and for the keys in use (the
     -- ones holding back first, then by waiting chunks; at most 100, to bound the
     -- series) whether each does, its running and waiting chunks and its tokens.
-    RETURN QUERY
-    SELECT 'chunkq_rate_keys_throttled', '{}'::jsonb,
-           (SELECT count(*) FROM chunkq.rate_limit_state r WHERE r.held_back IS NOT NULL)::float8;
+    -- (The view is read once: a CTE named twice is computed once.)
     RETURN QUERY
     WITH keys AS (
-        SELECT r.* FROM chunkq.rate_limit_state r
-         WHERE r.jobs > 0 OR r.held_back IS NOT NULL
-         ORDER BY r.held_back IS NULL, r.pending_chunks DESC, r.key
+        SELECT * FROM chunkq.rate_limit_state
+    ), shown AS (
+        SELECT k.* FROM keys k
+         WHERE k.jobs > 0 OR k.held_back IS NOT NULL
+         ORDER BY k.held_back IS NULL, k.pending_chunks DESC, k.key
          LIMIT 100
     )
+    SELECT 'chunkq_rate_keys_throttled', '{}'::jsonb,
+           (SELECT count(*) FROM keys k WHERE k.held_back IS NOT NULL)::float8
+    UNION ALL
     SELECT m.metric, jsonb_build_object('key', k.key), m.value
-      FROM keys k
+      FROM shown k
      CROSS JOIN LATERAL (VALUES
         ('chunkq_rate_key_throttled', (k.held_back IS NOT NULL)::integer::float8),
         ('chunkq_rate_key_running_chunks', k.running_chunks::float8),
