@@ -258,10 +258,11 @@ class Worker:
         FLUSH_AFTER: the next claim is at least one more chunk like the last one away."""
         if self.completed_since is None:
             return
-        waited = time.monotonic() - self.completed_since
+        now = time.monotonic()
+        waited = now - self.completed_since
         if waited + self.last_took <= FLUSH_AFTER:  # one more chunk like the last fits, whenever the claim comes
             return
-        claim_soon = self.may_claim() and not self.stopping.is_set() and time.monotonic() >= self.claim_after
+        claim_soon = self.may_claim() and not self.stopping.is_set() and now >= self.claim_after
         if waited + (0 if claim_soon else self.last_took) > FLUSH_AFTER:
             self.flush_completions()
 
